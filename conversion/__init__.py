@@ -1,0 +1,1 @@
+"""Converters from other xLSTM checkpoint formats to xlstm_hf."""
