@@ -1,0 +1,203 @@
+"""The two xLSTM cells in plain PyTorch: the reference every faster backend is tested against.
+
+mLSTM (paper eqs. 19-27): matrix memory C, normaliser n and stabiliser m per head,
+
+    m_t = max(log f_t + m_{t-1}, i~_t)                    (log f_t = logsigmoid(f~_t))
+    C_t = exp(log f_t + m_{t-1} - m_t) C_{t-1} + exp(i~_t - m_t) k_t v_t^T
+    n_t = exp(log f_t + m_{t-1} - m_t) n_{t-1} + exp(i~_t - m_t) k_t
+    h_t = C_t^T q_t / (max(|n_t . q_t|, exp(-m_t)) + eps)          (k_t scaled by 1/sqrt(d_k))
+
+in three forms that compute the same function: `mlstm_parallel` (quadratic, the paper's parallel form),
+`mlstm_chunkwise` (linear memory; parallel inside chunks, recurrent across them) and `mlstm_recurrent`
+(one step at a time; `mlstm_step` is its body and the decode path).
+
+sLSTM (paper eqs. 8-17): scalar memory per unit with exponential input gate, sigmoid forget gate in log
+space and head-wise recurrent matrices R, in `slstm_recurrent`.
+
+Conventions shared by all functions:
+- an empty state has C = n = 0 and m = -inf, so the first step sets m_1 = i~_1; this is exactly the
+  row-wise stabiliser of the parallel form (and of the official package's `forward`);
+- a stabiliser of -inf (nothing seen yet) is replaced by 0 where it is subtracted, which keeps exp() finite;
+- the computation runs in float32 (float64 if given float64) whatever the input dtype; states are kept in
+  that dtype, outputs take the dtype of v.
+
+Signatures follow one pattern: `(inputs..., initial_state=None, output_final_state=False) -> (out, state)`.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C (B,NH,DK,DV), n (B,NH,DK), m (B,NH)
+SLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # h, c, n, m: each (B,NH,DH)
+
+
+def _up(*tensors: torch.Tensor):
+    """The tensors in the compute dtype: float32, or float64 when given float64 (used by tests)."""
+    return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
+
+
+def _finite(m: torch.Tensor) -> torch.Tensor:
+    """The stabiliser to subtract: m where finite, 0 where m = -inf (no input seen yet)."""
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def mlstm_zero_state(batch: int, heads: int, dk: int, dv: int, device=None, dtype=torch.float32) -> MLSTMState:
+    """The empty mLSTM state: C = 0, n = 0, m = -inf."""
+    return (
+        torch.zeros(batch, heads, dk, dv, device=device, dtype=dtype),
+        torch.zeros(batch, heads, dk, device=device, dtype=dtype),
+        torch.full((batch, heads), float("-inf"), device=device, dtype=dtype),
+    )
+
+
+def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, **_):
+    """mLSTM over a whole sequence in the quadratic parallel form (no state in or out).
+
+    q, k: (B, NH, T, DK); v: (B, NH, T, DV); i, f: (B, NH, T) input/forget gate pre-activations.
+    Returns (h (B, NH, T, DV), None).
+    """
+    if initial_state is not None or output_final_state:
+        raise ValueError("mlstm_parallel takes no state; use mlstm_chunkwise to read or write a state")
+    out_dtype = v.dtype
+    q, k, v, i, f = _up(q, k, v, i, f)
+    T = q.shape[-2]
+    k = k / math.sqrt(k.shape[-1])
+    b = F.logsigmoid(f).cumsum(-1)  # b_t = sum_{s<=t} log f_s
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    # log D[t, s] = log(f_{s+1} ... f_t) + i~_s for s <= t
+    log_d = (b[..., :, None] - b[..., None, :] + i[..., None, :]).masked_fill(~causal, float("-inf"))
+    m = log_d.amax(-1)  # (B, NH, T): the stabiliser m_t of the recurrent form
+    scores = (q @ k.transpose(-1, -2)) * torch.exp(log_d - _finite(m)[..., None])
+    normaliser = torch.maximum(scores.sum(-1).abs(), torch.exp(-m)) + eps
+    h = (scores / normaliser[..., None]) @ v
+    return h.to(out_dtype), None
+
+
+def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64, **_):
+    """mLSTM over a sequence chunk by chunk: memory linear in T, any T (not only multiples of chunk_size).
+
+    Inside a chunk the parallel form is used, with the carried state (C, n, m) as an extra term; between
+    chunks the state is advanced to the chunk's end. Shapes as in `mlstm_parallel`; `initial_state` and
+    the returned state are (C, n, m) as in `mlstm_zero_state`.
+    """
+    out_dtype = v.dtype
+    q, k, v, i, f = _up(q, k, v, i, f)
+    B, NH, T, DK = q.shape
+    k = k / math.sqrt(DK)
+    log_f = F.logsigmoid(f)
+    if initial_state is None:
+        initial_state = mlstm_zero_state(B, NH, DK, v.shape[-1], q.device, q.dtype)
+    C, n, m = (s.to(q.dtype) for s in initial_state)
+    outputs = []
+    for start in range(0, T, chunk_size):
+        sl = slice(start, start + chunk_size)
+        qc, kc, vc, ic = q[..., sl, :], k[..., sl, :], v[..., sl, :], i[..., sl]
+        b = log_f[..., sl].cumsum(-1)  # (B, NH, L)
+        L = b.shape[-1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(~causal, float("-inf"))
+        log_carry = b + m[..., None]  # weight of the carried state at each position
+        stab = torch.maximum(log_d.amax(-1), log_carry)  # = m_t of the recurrent form
+        stab0 = _finite(stab)
+        scores = (qc @ kc.transpose(-1, -2)) * torch.exp(log_d - stab0[..., None])
+        carry = torch.exp(log_carry - stab0)
+        numerator = scores @ vc + carry[..., None] * (qc @ C)
+        denominator = scores.sum(-1) + carry * (qc @ n[..., None]).squeeze(-1)
+        normaliser = torch.maximum(denominator.abs(), torch.exp(-stab)) + eps
+        outputs.append(numerator / normaliser[..., None])
+        # advance the state to the end of the chunk
+        log_w = b[..., -1:] - b + ic  # weight of each token's k v^T in the end-of-chunk state
+        m_new = torch.maximum(b[..., -1] + m, log_w.amax(-1))
+        m_new0 = _finite(m_new)
+        decay = torch.exp(b[..., -1] + m - m_new0)
+        kw = kc * torch.exp(log_w - m_new0[..., None])[..., None]
+        C = decay[..., None, None] * C + kw.transpose(-1, -2) @ vc
+        n = decay[..., None] * n + kw.sum(-2)
+        m = m_new
+    h = torch.cat(outputs, dim=-2).to(out_dtype)
+    return h, ((C, n, m) if output_final_state else None)
+
+
+def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6):
+    """One mLSTM step (the decode path). q, k: (B, NH, DK); v: (B, NH, DV); i, f: (B, NH).
+
+    Returns (h (B, NH, DV) in the compute dtype, new state).
+    """
+    q, k, v, i, f = _up(q, k, v, i, f)
+    C, n, m = (s.to(q.dtype) for s in state)
+    k = k / math.sqrt(k.shape[-1])
+    log_f = F.logsigmoid(f)
+    m_new = torch.maximum(log_f + m, i)
+    m_new0 = _finite(m_new)
+    decay = torch.exp(log_f + m - m_new0)
+    gain = torch.exp(i - m_new0)
+    C = decay[..., None, None] * C + (gain[..., None] * k)[..., :, None] * v[..., None, :]
+    n = decay[..., None] * n + gain[..., None] * k
+    numerator = (q[..., None, :] @ C).squeeze(-2)
+    normaliser = torch.maximum((q * n).sum(-1).abs(), torch.exp(-m_new)) + eps
+    return numerator / normaliser[..., None], (C, n, m_new)
+
+
+def mlstm_recurrent(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, **_):
+    """mLSTM over a sequence one step at a time (shapes as `mlstm_chunkwise`)."""
+    B, NH, T, DK = q.shape
+    state = initial_state if initial_state is not None else mlstm_zero_state(B, NH, DK, v.shape[-1], q.device)
+    outputs = []
+    for t in range(T):
+        h, state = mlstm_step(q[..., t, :], k[..., t, :], v[..., t, :], i[..., t], f[..., t], state, eps=eps)
+        outputs.append(h)
+    return torch.stack(outputs, dim=-2).to(v.dtype), (state if output_final_state else None)
+
+
+#: the forms of the mLSTM cell, by name (all with the signature of `mlstm_chunkwise`)
+MLSTM_FORMS = {"parallel": mlstm_parallel, "chunkwise": mlstm_chunkwise, "recurrent": mlstm_recurrent}
+
+
+def slstm_zero_state(batch: int, heads: int, dh: int, device=None, dtype=torch.float32) -> SLSTMState:
+    """The empty sLSTM state: h = c = n = 0, m = -inf."""
+    zeros = torch.zeros(batch, heads, dh, device=device, dtype=dtype)
+    return zeros, zeros.clone(), zeros.clone(), torch.full_like(zeros, float("-inf"))
+
+
+def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
+    """sLSTM over a sequence (paper eqs. 8-17, stabilised as in the official package).
+
+    x: (B, T, NH, 4, DH) input contributions to the gate pre-activations, gates ordered (i, f, z, o);
+    recurrent_kernel: (NH, DH, 4, DH) maps h_{t-1} of a head (input dim) to that head's four gates;
+    bias: (NH, 4, DH); mask: optional (B, T) bool, False = padding: that step leaves the state unchanged.
+    Returns (h (B, T, NH, DH), final state (h, c, n, m) each (B, NH, DH) or None).
+
+        i~, f~, z~, o~ = x_t + R h_{t-1} + b
+        m_t = max(log sigmoid(f~) + m_{t-1}, i~);  i = exp(i~ - m_t);  f = exp(log sigmoid(f~) + m_{t-1} - m_t)
+        c_t = f c_{t-1} + i tanh(z~);  n_t = f n_{t-1} + i;  h_t = sigmoid(o~) c_t / n_t
+    """
+    out_dtype = x.dtype
+    B, T, NH, G, DH = x.shape
+    # Time-major, head-major layout so that each step is one batched matmul over heads: (T, NH, B, 4, DH)
+    x, bias, recurrent_kernel = _up(x, bias, recurrent_kernel)
+    wx = (x + bias).permute(1, 2, 0, 3, 4)
+    r = recurrent_kernel.reshape(NH, DH, G * DH)
+    state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device)
+    h, c, n, m = (s.to(x.dtype).transpose(0, 1) for s in state)  # each (NH, B, DH)
+    keep = None if mask is None else mask.T[:, None, :, None]  # (T, 1, B, 1)
+    outputs = []
+    for t in range(T):
+        raw = wx[t] + torch.bmm(h, r).view(NH, B, G, DH)
+        i_raw, f_raw, z_raw, o_raw = raw.unbind(2)
+        log_f_m = m + F.logsigmoid(f_raw)
+        m_new = torch.maximum(i_raw, log_f_m)
+        i_gate = torch.exp(i_raw - m_new)
+        f_gate = torch.exp(log_f_m - m_new)
+        c_new = f_gate * c + i_gate * torch.tanh(z_raw)
+        n_new = f_gate * n + i_gate
+        h_new = torch.sigmoid(o_raw) * c_new / n_new
+        if keep is not None:
+            k_t = keep[t]
+            h_new, c_new, n_new, m_new = (torch.where(k_t, a, b) for a, b in ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
+        h, c, n, m = h_new, c_new, n_new, m_new
+        outputs.append(h)
+    out = torch.stack(outputs, dim=0).permute(2, 0, 1, 3).to(out_dtype)  # (B, T, NH, DH)
+    final = tuple(s.transpose(0, 1) for s in (h, c, n, m)) if output_final_state else None
+    return out, final

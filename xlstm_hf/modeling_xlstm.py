@@ -1,0 +1,606 @@
+"""The paper's xLSTM language model (Beck et al. 2024) as a Hugging Face model, from blocks to LM head.
+
+Layout (names of our parameters, which say what each one does):
+
+    xLSTMForCausalLM
+      backbone: xLSTMModel
+        embeddings                      token embedding
+        blocks[j]: mLSTMBlock           x + mLSTMLayer(LayerNorm(x))
+                   sLSTMBlock           x + sLSTMLayer(LayerNorm(x)); x + GatedFeedForward(LayerNorm(x))
+        final_norm                      LayerNorm after the last block (optional)
+      lm_head                           tied to `embeddings` when `config.tie_word_embeddings`
+
+The cell recurrences live in `cells.py`; this file holds the layers around them, the recurrent-state
+cache used by `generate()`, and the Hugging Face plumbing.
+
+Padding: a position whose `attention_mask` is 0 is treated as absent. It enters no recurrent state (the
+mLSTM sees input gate -inf and forget gate 1 there, the sLSTM keeps its state), and it enters the causal
+convolutions as zeros, which is exactly "absent" for left padding (the padding `generate()` uses).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cells import MLSTM_FORMS, mlstm_step, slstm_recurrent
+from .configuration_xlstm import xLSTMConfig
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks with the official package's initialisation
+# --------------------------------------------------------------------------------------------------
+
+
+def small_init_std(dim: int) -> float:
+    """"Small init" (Nguyen & Salazar 2019), the official std for input-side projections."""
+    return math.sqrt(2 / (5 * dim))
+
+
+def wang_init_std(dim: int, num_blocks: int) -> float:
+    """Wang init, the official std for output-side projections of a residual stack."""
+    return 2 / num_blocks / math.sqrt(dim)
+
+
+class Linear(nn.Linear):
+    """nn.Linear initialised with a normal(0, `std`) weight and a zero bias (`std=0` gives zeros)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, std: float):
+        self.init_std = std
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self):
+        init.normal_(self.weight, std=self.init_std) if self.init_std > 0 else init.zeros_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+
+class HeadwiseLinear(nn.Module):
+    """Block-diagonal linear map: the input is split into `num_blocks` groups, each projected on its own.
+
+    weight: (num_blocks, out_per_block, in_per_block). (..., F) -> (..., num_blocks * out_per_block).
+    """
+
+    def __init__(self, features: int, num_blocks: int, bias: bool, std: float):
+        super().__init__()
+        self.num_blocks, self.init_std = num_blocks, std
+        block = features // num_blocks
+        self.weight = nn.Parameter(torch.empty(num_blocks, block, block))
+        self.bias = nn.Parameter(torch.empty(features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init.normal_(self.weight, std=self.init_std)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.einsum("...hi,hoi->...ho", x.unflatten(-1, (self.num_blocks, -1)), self.weight).flatten(-2)
+        return y + self.bias if self.bias is not None else y
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and an optional bias. The weight is the actual scale (init 1); the official
+    package stores `w` and scales by `1 + w`, which conversion accounts for."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init.ones_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class MultiHeadLayerNorm(LayerNorm):
+    """Group norm over heads: each head's DH features are normalised on their own, then scaled per feature.
+
+    (B, T, NH, DH) -> (B, T, NH * DH).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, NH, DH = x.shape
+        y = F.group_norm(x.reshape(B * T, NH * DH), NH, self.weight, self.bias, self.eps)
+        return y.view(B, T, NH * DH)
+
+
+class CausalConv1d(nn.Module):
+    """Causal depthwise convolution over time with a carried window of the last `kernel_size - 1` inputs.
+
+    weight: (F, 1, K) as in nn.Conv1d; `forward(x (B, T, F), window (B, K-1, F) or None)` returns
+    (y (B, T, F), new window). An absent window means zeros (nothing before the sequence).
+    """
+
+    def __init__(self, features: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(features, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(features))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Conv1d's default init, which the official package keeps
+        bound = 1 / math.sqrt(self.kernel_size)
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, window: torch.Tensor | None = None):
+        K = self.kernel_size
+        if window is None:
+            window = x.new_zeros(x.shape[0], K - 1, x.shape[2])
+        xw = torch.cat([window.to(x.dtype), x], dim=1)  # (B, K-1+T, F)
+        if x.shape[1] == 1:  # decode: one dot product per feature, no conv launch
+            y = torch.einsum("bkf,fk->bf", xw, self.weight[:, 0, :])[:, None] + self.bias
+        else:
+            y = F.conv1d(xw.transpose(1, 2), self.weight, self.bias, groups=x.shape[2]).transpose(1, 2)
+        return y, xw[:, xw.shape[1] - (K - 1):]
+
+
+# --------------------------------------------------------------------------------------------------
+# mLSTM and sLSTM layers
+# --------------------------------------------------------------------------------------------------
+
+
+class mLSTMLayer(nn.Module):
+    """The mLSTM block's mixer (paper Fig. 11): up-projection into an mLSTM branch and an output-gate branch.
+
+    mLSTM branch: causal conv + SiLU -> block-diagonal q, k; v from the pre-conv branch; input and forget
+    gate pre-activations from [q, k, v]; the mLSTM cell; per-head group norm; learnable skip of the conv
+    output. The result is gated by SiLU of the second branch and projected down.
+    """
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        H, I, NH = config.hidden_size, config.mlstm_inner_dim, config.mlstm_num_heads
+        self.num_heads, self.inner_dim, self.eps = NH, I, config.mlstm_eps
+        self.mode, self.chunk_size = config.mlstm_mode, config.chunk_size
+        small = small_init_std(H)
+        self.up_proj = Linear(H, 2 * I, config.use_bias, small)
+        self.conv = CausalConv1d(I, config.mlstm_conv_kernel_size) if config.mlstm_conv_kernel_size else None
+        blocks = I // config.mlstm_qkv_proj_blocksize
+        self.q_proj = HeadwiseLinear(I, blocks, config.use_bias, small)
+        self.k_proj = HeadwiseLinear(I, blocks, config.use_bias, small)
+        self.v_proj = HeadwiseLinear(I, blocks, config.use_bias, small)
+        self.igate = GateLinear(3 * I, NH, bias_init="normal")
+        self.fgate = GateLinear(3 * I, NH, bias_init="linspace")
+        self.outnorm = MultiHeadLayerNorm(I, config.norm_eps)
+        self.learnable_skip = nn.Parameter(torch.empty(I))
+        self.down_proj = Linear(I, H, config.use_bias, wang_init_std(H, config.num_blocks))
+        self.dropout = nn.Dropout(config.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init.ones_(self.learnable_skip)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, mask: torch.Tensor | None = None,
+                output_state: bool = False):
+        """x: (B, T, H); state: {"conv", "C", "n", "m"} or None; mask: (B, T) bool or None.
+
+        Returns (y (B, T, H), new state or None).
+        """
+        B, T, _ = x.shape
+        state = state or {}
+        x_mlstm, z = self.up_proj(x).chunk(2, dim=-1)
+        conv_in = x_mlstm if mask is None else x_mlstm * mask[..., None].to(x_mlstm.dtype)
+        window = None
+        if self.conv is not None:
+            conv_out, window = self.conv(conv_in, state.get("conv"))
+        else:
+            conv_out = conv_in
+        x_conv = F.silu(conv_out)
+        q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
+        qkv = torch.cat([q, k, v], dim=-1)
+        i, f = self.igate(qkv), self.fgate(qkv)  # (B, T, NH)
+        if mask is not None:  # a padded step is an identity update: nothing written, nothing forgotten
+            i = i.masked_fill(~mask[..., None], float("-inf"))
+            f = f.masked_fill(~mask[..., None], float("inf"))
+        heads = lambda t: t.view(B, T, self.num_heads, -1).transpose(1, 2)  # noqa: E731 (B, NH, T, D)
+        q, k, v, i, f = heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2)
+        previous = (state["C"], state["n"], state["m"]) if "C" in state else None
+        if T == 1 and previous is not None:  # decode
+            h, cell_state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], previous, self.eps)
+            h = h.to(v.dtype)[:, :, None]
+        else:
+            form = self.mode if previous is None and not output_state else "chunkwise"
+            h, cell_state = MLSTM_FORMS[form](q, k, v, i, f, initial_state=previous, output_final_state=output_state,
+                                              eps=self.eps, chunk_size=self.chunk_size)
+        h = self.outnorm(h.transpose(1, 2)) + self.learnable_skip * x_conv
+        y = self.dropout(self.down_proj(h * F.silu(z)))
+        if not output_state:
+            return y, None
+        C, n, m = cell_state
+        return y, {"conv": window, "C": C, "n": n, "m": m}
+
+
+class GateLinear(nn.Linear):
+    """A gate pre-activation projection: zero weight, bias initialised as the official mLSTM does it
+    (input gate normal(0, 0.1); forget gate linearly spaced in [3, 6], i.e. remember by default)."""
+
+    def __init__(self, in_features: int, heads: int, bias_init: str):
+        self.bias_init = bias_init
+        super().__init__(in_features, heads, bias=True)
+
+    def reset_parameters(self):
+        init.zeros_(self.weight)
+        if self.bias_init == "linspace":
+            init.copy_(self.bias, torch.linspace(3.0, 6.0, self.out_features))
+        else:
+            init.normal_(self.bias, std=0.1)
+
+
+class sLSTMLayer(nn.Module):
+    """The sLSTM block's mixer (paper Fig. 10): conv + SiLU feeding the input and forget gates, head-wise
+    (block-diagonal) projections for the four gates, the sLSTM cell with head-wise recurrent matrices,
+    and a per-head group norm."""
+
+    def __init__(self, config: xLSTMConfig, block_idx: int):
+        super().__init__()
+        H, NH = config.hidden_size, config.slstm_num_heads
+        self.num_heads, self.head_dim = NH, H // NH
+        self.block_idx, self.num_blocks = block_idx, config.num_blocks
+        self.bias_init, self.recurrent_init = config.slstm_bias_init, config.slstm_recurrent_init
+        k = config.slstm_conv_kernel_size
+        self.conv = CausalConv1d(H, k) if k else None
+        small = small_init_std(H)
+        self.igate = HeadwiseLinear(H, NH, False, small)
+        self.fgate = HeadwiseLinear(H, NH, False, small)
+        self.zgate = HeadwiseLinear(H, NH, False, small)
+        self.ogate = HeadwiseLinear(H, NH, False, small)
+        # recurrent_kernel[h, j, g, d]: from unit j of head h's previous output to gate g of unit d
+        self.recurrent_kernel = nn.Parameter(torch.empty(NH, self.head_dim, 4, self.head_dim))
+        self.bias = nn.Parameter(torch.empty(NH, 4, self.head_dim))  # gates (i, f, z, o)
+        self.group_norm = MultiHeadLayerNorm(H, config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        H, DH = self.num_heads * self.head_dim, self.head_dim
+        if self.recurrent_init == "zeros":
+            init.zeros_(self.recurrent_kernel)
+        else:
+            init.uniform_(self.recurrent_kernel, -1 / math.sqrt(H), 1 / math.sqrt(H))
+        bias = torch.zeros(self.num_heads, 4, DH)
+        if self.bias_init == "powerlaw_blockdependent":
+            # forget-gate bias: a power law over the units whose exponent grows with depth (official init)
+            ratio = self.block_idx / (self.num_blocks - 1) if self.num_blocks > 1 else 0.0
+            bias[:, 1] = -(-5.0 + 12.0 * (torch.arange(DH) / (DH - 1)) ** (0.3 + 1.3 * ratio))
+        elif self.bias_init == "small_init":
+            bias[:, 1] = torch.linspace(3.0, 6.0, DH)
+        elif self.bias_init == "standard":
+            bias.uniform_(-1 / math.sqrt(H), 1 / math.sqrt(H))
+        init.copy_(self.bias, bias)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, mask: torch.Tensor | None = None,
+                output_state: bool = False):
+        """x: (B, T, H); state: {"conv", "h", "c", "n", "m"} or None. Returns (y (B, T, H), new state or None)."""
+        B, T, H = x.shape
+        state = state or {}
+        window = None
+        if self.conv is not None:
+            conv_in = x if mask is None else x * mask[..., None].to(x.dtype)
+            x_conv, window = self.conv(conv_in, state.get("conv"))
+            x_conv = F.silu(x_conv)
+        else:
+            x_conv = x
+        gates = torch.stack([self.igate(x_conv), self.fgate(x_conv), self.zgate(x), self.ogate(x)], dim=-2)
+        gates = gates.view(B, T, 4, self.num_heads, self.head_dim).transpose(2, 3)  # (B, T, NH, 4, DH)
+        previous = tuple(state[key] for key in "hcnm") if "h" in state else None
+        h, cell_state = slstm_recurrent(gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
+        y = self.group_norm(self.dropout(h))
+        if not output_state:
+            return y, None
+        return y, {"conv": window, **dict(zip("hcnm", cell_state))}
+
+
+ACT_FNS = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "relu^2": lambda x: F.relu(x).square(),
+    "sigmoid": torch.sigmoid,
+    "swish": F.silu,
+    "selu": F.selu,
+}
+
+
+class GatedFeedForward(nn.Module):
+    """act(gate) * up, projected down: the feed-forward after each sLSTM cell."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        H, Fd = config.hidden_size, config.ffn_dim
+        self.up_proj = Linear(H, 2 * Fd, config.use_bias, small_init_std(H))  # [gate | up]
+        self.down_proj = Linear(Fd, H, config.use_bias, wang_init_std(H, config.num_blocks))
+        self.act = ACT_FNS[config.ffn_act_fn]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.up_proj(x).chunk(2, dim=-1)
+        return self.dropout(self.down_proj(self.act(gate) * up))
+
+
+class mLSTMBlock(GradientCheckpointingLayer):
+    """Pre-LayerNorm residual block around an mLSTM layer."""
+
+    def __init__(self, config: xLSTMConfig, block_idx: int):
+        super().__init__()
+        self.norm = LayerNorm(config.hidden_size, config.norm_eps)
+        self.mlstm = mLSTMLayer(config)
+
+    def forward(self, x, state=None, mask=None, output_state=False):
+        y, state = self.mlstm(self.norm(x), state, mask, output_state)
+        return x + y, state
+
+
+class sLSTMBlock(GradientCheckpointingLayer):
+    """Pre-LayerNorm residual block around an sLSTM layer, followed by a residual gated feed-forward."""
+
+    def __init__(self, config: xLSTMConfig, block_idx: int):
+        super().__init__()
+        self.norm = LayerNorm(config.hidden_size, config.norm_eps)
+        self.slstm = sLSTMLayer(config, block_idx)
+        self.ffn_norm = LayerNorm(config.hidden_size, config.norm_eps)
+        self.ffn = GatedFeedForward(config)
+
+    def forward(self, x, state=None, mask=None, output_state=False):
+        y, state = self.slstm(self.norm(x), state, mask, output_state)
+        x = x + y
+        return x + self.ffn(self.ffn_norm(x)), state
+
+
+# --------------------------------------------------------------------------------------------------
+# Recurrent-state cache
+# --------------------------------------------------------------------------------------------------
+
+
+class xLSTMCache:
+    """The recurrent state of every block, which is all an xLSTM needs to continue a sequence.
+
+    `states[j]` is None before block j has seen input, else a dict of tensors with batch first:
+    mLSTM blocks {"conv": (B, K-1, I), "C": (B, NH, DK, DV), "n": (B, NH, DK), "m": (B, NH)};
+    sLSTM blocks {"conv": (B, K-1, H), "h", "c", "n", "m": (B, NH, DH)}. "conv" is None without a conv.
+    Cell states are float32; memory is constant in the sequence length.
+    """
+
+    is_compileable = False  # a user-passed cache must not trigger generate()'s auto-compile
+    is_croppable = False  # a recurrent state cannot be rolled back (no assisted decoding)
+
+    def __init__(self, config: xLSTMConfig | None = None, num_blocks: int | None = None):
+        self.states: list[dict | None] = [None] * (num_blocks if num_blocks is not None else config.num_blocks)
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of positions (padding included) the state has consumed."""
+        return self.seen_tokens
+
+    @property
+    def batch_size(self) -> int | None:
+        for state in self.states:
+            if state is not None:
+                return next(t for t in state.values() if t is not None).shape[0]
+        return None
+
+    def _map(self, fn):
+        self.states = [
+            None if s is None else {k: (None if t is None else fn(t)) for k, t in s.items()} for s in self.states
+        ]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search)."""
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __repr__(self) -> str:
+        return f"xLSTMCache(blocks={len(self.states)}, seen_tokens={self.seen_tokens}, batch_size={self.batch_size})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face models
+# --------------------------------------------------------------------------------------------------
+
+
+class xLSTMPreTrainedModel(PreTrainedModel):
+    config: xLSTMConfig
+    config_class = xLSTMConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["mLSTMBlock", "sLSTMBlock"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        # Every module of ours that owns parameters knows its official init; containers own none.
+        if isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=small_init_std(module.embedding_dim))
+        elif isinstance(module, (Linear, GateLinear, HeadwiseLinear, LayerNorm, CausalConv1d, mLSTMLayer, sLSTMLayer)):
+            module.reset_parameters()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # our state lives in xLSTMCache, not in a key/value cache
+
+
+class xLSTMModel(xLSTMPreTrainedModel):
+    """The block stack: token embedding, mLSTM/sLSTM blocks, final norm. Returns hidden states."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embedding_dropout = nn.Dropout(config.dropout) if config.add_embedding_dropout else nn.Identity()
+        self.blocks = nn.ModuleList(
+            [(sLSTMBlock if kind == "s" else mLSTMBlock)(config, j) for j, kind in enumerate(config.block_types)]
+        )
+        self.final_norm = LayerNorm(config.hidden_size, config.norm_eps) if config.add_post_blocks_norm else nn.Identity()
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: xLSTMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """input_ids (B, T) or inputs_embeds (B, T, H); attention_mask (B, T) or (B, past + T) with 0 for
+        padding; past_key_values: an `xLSTMCache` to continue from (updated in place and returned)."""
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+                raise ValueError(f"input_ids contains id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+            inputs_embeds = self.embeddings(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), "
+                             f"got {tuple(inputs_embeds.shape)}")
+        B, T = inputs_embeds.shape[:2]
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, xLSTMCache):
+            raise ValueError(f"past_key_values must be an xLSTMCache, got {type(cache).__name__}")
+        if use_cache and cache is None:
+            cache = xLSTMCache(self.config)
+        if cache is not None:
+            if len(cache) != len(self.blocks):
+                raise ValueError(f"past_key_values holds {len(cache)} blocks, the model has {len(self.blocks)}")
+            if cache.batch_size is not None and cache.batch_size != B:
+                raise ValueError(f"past_key_values has batch size {cache.batch_size}, the input has {B}")
+        mask = self._padding_mask(attention_mask, B, T, cache.get_seq_length() if cache is not None else 0)
+
+        hidden = self.embedding_dropout(inputs_embeds)
+        all_hidden = (hidden,) if output_hidden_states else None
+        for j, block in enumerate(self.blocks):
+            state = cache.states[j] if cache is not None else None
+            hidden, new_state = block(hidden, state, mask, use_cache and cache is not None)
+            if use_cache and cache is not None:
+                cache.states[j] = new_state
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        hidden = self.final_norm(hidden)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden,)
+        if use_cache and cache is not None:
+            cache.seen_tokens += T
+        out_cache = cache if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (hidden, out_cache, all_hidden) if v is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out_cache, hidden_states=all_hidden)
+
+    @staticmethod
+    def _padding_mask(attention_mask, batch: int, length: int, past: int) -> torch.Tensor | None:
+        """The (B, T) bool mask of real positions for this call, or None when every position is real.
+
+        Accepts (B, T), or (B, past + T) as `generate()` passes it (the whole sequence so far)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past + length):
+            expected = f"({batch}, {length})" + (f" or ({batch}, {past + length})" if past else "")
+            raise ValueError(f"attention_mask must have shape {expected}, got {tuple(attention_mask.shape)}")
+        mask = attention_mask[:, -length:].bool() if length else attention_mask[:, :0].bool()
+        return None if bool(mask.all()) else mask
+
+
+class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
+    """xLSTM language model: the block stack and a linear LM head."""
+
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__(config)
+        self.backbone = xLSTMModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, small_init_std(config.hidden_size))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # Create our cache up front (generate() only creates key/value caches itself), so that chunked
+        # prefill and continuing from the returned cache work like for attention models.
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache and model_kwargs.get("past_key_values") is None:
+            model_kwargs["past_key_values"] = xLSTMCache(self.config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: xLSTMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits for every position (or the last `logits_to_keep`); with `labels`, the shifted
+        next-token cross-entropy (labels -100 are ignored)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids, attention_mask=attention_mask, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            out = (logits,) + tuple(v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None)
+            return ((loss,) + out) if loss is not None else out
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["xLSTMCache", "xLSTMForCausalLM", "xLSTMModel", "xLSTMPreTrainedModel"]
