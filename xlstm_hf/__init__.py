@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_xlstm import xLSTMConfig
 from .modeling_xlstm import xLSTMCache, xLSTMForCausalLM, xLSTMModel, xLSTMPreTrainedModel
+from .tokenization import GPT2_TOKENIZER_DIR, load_gpt2_tokenizer
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,12 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["xLSTMCache", "xLSTMConfig", "xLSTMForCausalLM", "xLSTMModel", "xLSTMPreTrainedModel"]
+__all__ = [
+    "GPT2_TOKENIZER_DIR",
+    "load_gpt2_tokenizer",
+    "xLSTMCache",
+    "xLSTMConfig",
+    "xLSTMForCausalLM",
+    "xLSTMModel",
+    "xLSTMPreTrainedModel",
+]

@@ -1,0 +1,308 @@
+"""The model: forms agree end to end, the cache works with generate(), padding is exact, save/load and
+registration, bad input, training.
+
+Tolerances: float64 models agree across forms to 1e-9 relative (rounding only); generated tokens must be
+identical.
+"""
+
+import pytest
+import torch
+from conftest import randomise_, tiny_config, tiny_model
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import xlstm_hf
+from xlstm_hf import xLSTMCache, xLSTMConfig, xLSTMForCausalLM, xLSTMModel
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def set_mode(model, mode):
+    for block in model.backbone.blocks:
+        if hasattr(block, "mlstm"):
+            block.mlstm.mode = mode
+
+
+def stepwise_logits(model, ids, mask=None):
+    cache = xLSTMCache(model.config)
+    out = []
+    for t in range(ids.shape[1]):
+        m = None if mask is None else mask[:, : t + 1]
+        out.append(model(ids[:, t : t + 1], attention_mask=m, past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("T", [1, 5, 8, 13, 16, 21])
+def test_parallel_chunkwise_and_step_agree(T):
+    model = tiny_model(dtype=torch.float64)
+    ids = torch.randint(0, 97, (2, T))
+    with torch.no_grad():
+        chunk = model(ids, use_cache=False).logits
+        set_mode(model, "parallel")
+        par = model(ids, use_cache=False).logits
+        step = stepwise_logits(model, ids)
+    assert rel_err(par, chunk) < 1e-9
+    assert rel_err(step, chunk) < 1e-9
+
+
+def test_prefill_then_decode_equals_full_forward_float32(model):
+    ids = torch.randint(0, 97, (3, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :17], use_cache=True).past_key_values
+        assert cache.get_seq_length() == 17
+        rest = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(17, 30)]
+    assert rel_err(torch.cat(rest, 1), full[:, 17:]) < 1e-4
+
+
+def test_long_input_prefill_then_step():
+    """No maximum length: 4k+ tokens run, stay finite, and decoding from the prefilled state matches."""
+    model = tiny_model(num_blocks=2, slstm_at=[1], chunk_size=64)
+    ids = torch.randint(0, 97, (1, 4100))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :4096], use_cache=True).past_key_values
+        steps = torch.cat([model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(4096, 4100)], 1)
+    assert torch.isfinite(full).all()
+    assert rel_err(steps, full[:, 4096:]) < 1e-4
+
+
+def test_cache_memory_is_constant():
+    model = tiny_model()
+    with torch.no_grad():
+        c1 = model(torch.randint(0, 97, (1, 5)), use_cache=True).past_key_values
+        c2 = model(torch.randint(0, 97, (1, 50)), use_cache=True).past_key_values
+    size = lambda c: sum(t.numel() for s in c.states for t in s.values() if t is not None)  # noqa: E731
+    assert size(c1) == size(c2) > 0
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_cached_equals_uncached(model, num_beams):
+    ids = torch.randint(1, 97, (2, 9))
+    kw = dict(max_new_tokens=10, do_sample=False, num_beams=num_beams)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_left_padded_batch_equals_single_prompts(model):
+    prompts = [torch.randint(1, 97, (n,)) for n in (4, 9, 6)]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for r, p in enumerate(prompts):
+        batch[r, width - len(p):], mask[r, width - len(p):] = p, 1
+    with torch.no_grad():
+        padded_logits = model(batch, attention_mask=mask).logits
+    kw = dict(max_new_tokens=8, do_sample=False)
+    for beams in (1, 2):
+        out = model.generate(batch, attention_mask=mask, num_beams=beams, **kw)
+        for r, p in enumerate(prompts):
+            with torch.no_grad():
+                alone = model(p[None]).logits[0]
+            assert rel_err(padded_logits[r, width - len(p):], alone) < 1e-5
+            single = model.generate(p[None], num_beams=beams, **kw)
+            assert torch.equal(out[r, width:], single[0, len(p):])
+
+
+def test_padding_leaves_state_as_if_absent():
+    model = tiny_model(dtype=torch.float64)
+    p = torch.randint(1, 97, (1, 7))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), p], 1)
+    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 7)], 1).long()
+    with torch.no_grad():
+        c1 = model(p, use_cache=True).past_key_values
+        c2 = model(padded, attention_mask=mask, use_cache=True).past_key_values
+    for s1, s2 in zip(c1.states, c2.states):
+        for key in s1:
+            assert torch.allclose(s1[key], s2[key], rtol=1e-10, atol=1e-12), key
+
+
+def test_chunked_prefill_equals_one_shot(model):
+    ids = torch.randint(1, 97, (2, 23))
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, prefill_chunk_size=5, **kw), model.generate(ids, **kw))
+
+
+def test_continue_from_returned_cache(model):
+    ids = torch.randint(1, 97, (2, 8))
+    full = model.generate(ids, max_new_tokens=12, do_sample=False)
+    first = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(first.past_key_values, xLSTMCache)
+    more = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=6, do_sample=False)
+    assert torch.equal(more, full)
+
+
+def test_sampling_and_num_return_sequences(model):
+    ids = torch.randint(1, 97, (2, 5))
+    torch.manual_seed(0)
+    a = model.generate(ids, do_sample=True, top_k=20, max_new_tokens=7, num_return_sequences=3)
+    torch.manual_seed(0)
+    b = model.generate(ids, do_sample=True, top_k=20, max_new_tokens=7, num_return_sequences=3, use_cache=False)
+    assert a.shape == (6, 12) and torch.equal(a, b)
+
+
+def test_streamer_and_pipeline_with_shipped_tokenizer():
+    from transformers import TextIteratorStreamer, pipeline
+
+    tok = xlstm_hf.load_gpt2_tokenizer()
+    model = tiny_model(vocab_size=50304, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256, num_blocks=2)
+    ids = tok("Hello world", return_tensors="pt").input_ids
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, streamer=streamer)
+    assert "".join(streamer) == tok.decode(out[0, ids.shape[1]:])
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    text = pipe("Hello world", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert text == tok.decode(out[0])
+
+
+def test_save_and_load_round_trip(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is xLSTMForCausalLM
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "xlstm_paper"
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.backbone.embeddings.weight
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.backbone.embeddings.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_registration_leaves_transformers_xlstm_alone():
+    from transformers import xLSTMConfig as HFxLSTMConfig
+    from transformers import xLSTMForCausalLM as HFxLSTMForCausalLM
+    from transformers import xLSTMModel as HFxLSTMModel
+
+    assert type(AutoConfig.for_model("xlstm_paper")) is xLSTMConfig
+    assert type(AutoConfig.for_model("xlstm")) is HFxLSTMConfig
+    hf_cfg = HFxLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=2)
+    assert type(AutoModelForCausalLM.from_config(hf_cfg)) is HFxLSTMForCausalLM
+    assert type(AutoModel.from_config(hf_cfg)) is HFxLSTMModel
+    ours = tiny_config()
+    assert type(AutoModelForCausalLM.from_config(ours)) is xLSTMForCausalLM
+    assert type(AutoModel.from_config(ours)) is xLSTMModel
+
+
+def test_official_init_values():
+    """Deterministic parts of the official init: forget-gate biases, norms, skip."""
+    model = xLSTMForCausalLM(tiny_config(num_blocks=3, slstm_at=[2], slstm_num_heads=2))
+    mlstm = model.backbone.blocks[0].mlstm
+    assert torch.allclose(mlstm.fgate.bias, torch.linspace(3, 6, 2)) and not mlstm.igate.weight.any()
+    assert torch.equal(mlstm.learnable_skip, torch.ones_like(mlstm.learnable_skip))
+    slstm = model.backbone.blocks[2].slstm
+    dh = 16
+    expected = -(-5.0 + 12.0 * (torch.arange(dh) / (dh - 1)) ** (0.3 + 1.3 * 1.0))
+    assert torch.allclose(slstm.bias[:, 1], expected.expand(2, dh))
+    assert not slstm.recurrent_kernel.any() and not slstm.bias[:, [0, 2, 3]].any()
+    assert torch.equal(model.backbone.final_norm.weight, torch.ones(32))
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(slstm_at=[7]), "slstm_at"),
+        (dict(slstm_at="seven:one"), "slstm_at"),
+        (dict(mlstm_num_heads=3), "mlstm_num_heads"),
+        (dict(slstm_num_heads=5), "slstm_num_heads"),
+        (dict(ffn_act_fn="tanh"), "ffn_act_fn"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(slstm_conv_kernel_size=-1), "slstm_conv_kernel_size"),
+        (dict(mlstm_mode="fast"), "mlstm_mode"),
+        (dict(chunk_size=0), "chunk_size"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_slstm_at_ratio_notation():
+    assert xLSTMConfig().slstm_at == [4, 12, 20] and xLSTMConfig().layout == "xLSTM[7:1]"
+    assert tiny_config(num_blocks=8, slstm_at="7:1").slstm_at == [4]
+    assert tiny_config(num_blocks=4, slstm_at="all").slstm_at == [0, 1, 2, 3]
+    assert tiny_config(num_blocks=4, slstm_at="1:0").slstm_at == []
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 5, 1))
+    cache = model(torch.ones(2, 3, dtype=torch.long), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="batch size"):
+        model(torch.ones(3, 1, dtype=torch.long), past_key_values=cache)
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+
+
+def test_training_with_default_config_learns():
+    """Train mode with the config defaults (use_cache=True in the config): loss falls on a fixed batch."""
+    torch.manual_seed(0)
+    model = xLSTMForCausalLM(tiny_config()).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 97, (4, 24))
+    losses = []
+    for _ in range(15):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    # an explicit use_cache=True in training still backpropagates (no in-place state updates)
+    out = model(ids, labels=ids, use_cache=True)
+    out.loss.backward()
+    assert isinstance(out.past_key_values, xLSTMCache)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = tiny_model(dtype=torch.float64).train()
+    ids = torch.randint(0, 97, (2, 12))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.activation_checkpointing_enable()
+    checkpointed = grads()
+    for a, b in zip(plain, checkpointed):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_left_padded_training_gradients_finite():
+    model = tiny_model().train()
+    ids = torch.randint(1, 97, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bfloat16_model_runs_close_to_float32():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        low = model.to(torch.bfloat16)(ids).logits
+    assert low.dtype == torch.float32 and rel_err(low, ref) < 0.1
+
+
+def test_randomise_helper_changes_every_parameter():
+    a = xLSTMForCausalLM(tiny_config())
+    b = randomise_(xLSTMForCausalLM(tiny_config()))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert not torch.equal(pa, pb), name
