@@ -12,7 +12,8 @@ token. Token bytes are then mapped to GPT-2's printable byte-to-unicode alphabet
 ByteLevel post-processor) is wrapped in transformers' ``GPT2Tokenizer`` and saved with
 ``save_pretrained``, so that ``AutoTokenizer.from_pretrained(out_dir)`` loads it offline.
 
-No pad token is set; for batched/padded use set ``tokenizer.pad_token = tokenizer.eos_token``.
+The pad token is ``<|endoftext|>`` (GPT-2 has none of its own) and padding is on the left, the side
+xLSTM generation treats exactly (padded positions are absent from every state).
 
 Usage (from the repository root)::
 
@@ -158,7 +159,8 @@ def build_hf_tokenizer(ranks: dict[bytes, int]):
         bos_token=EOT_TOKEN,
         eos_token=EOT_TOKEN,
         unk_token=EOT_TOKEN,
-        pad_token=None,
+        pad_token=EOT_TOKEN,
+        padding_side="left",
         add_prefix_space=False,
         model_max_length=MODEL_MAX_LENGTH,
     )

@@ -195,7 +195,7 @@ def test_loads_offline_with_autotokenizer(monkeypatch):
     assert t.is_fast
     assert t.eos_token == t.bos_token == t.unk_token == EOT
     assert t.eos_token_id == t.bos_token_id == EOT_ID
-    assert t.pad_token is None
+    assert t.pad_token == EOT and t.padding_side == "left"
     assert len(t) == 50257
     assert t.vocab_size == 50256  # base vocab; <|endoftext|> is an added special token
     assert t.model_max_length >= 10**20
@@ -227,14 +227,13 @@ def test_loads_in_fresh_process_without_network(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "[15496, 995]"
 
 
-def test_pad_with_eos(tok):
+def test_pads_left_with_eos(tok):
     from transformers import AutoTokenizer
 
     t = AutoTokenizer.from_pretrained(GPT2_TOKENIZER_DIR)
-    t.pad_token = t.eos_token
     batch = t(["Hello world", "Hi"], padding=True)
-    assert batch["input_ids"][1] == tok.encode("Hi") + [EOT_ID]
-    assert batch["attention_mask"][1] == [1, 0]
+    assert batch["input_ids"][1] == [EOT_ID] + tok.encode("Hi")
+    assert batch["attention_mask"][1] == [0, 1]
 
 
 # (d) save / reload ------------------------------------------------------------------------------

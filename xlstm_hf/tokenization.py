@@ -1,8 +1,8 @@
 """The GPT-2 tokenizer shipped with the package (built by ``conversion/build_gpt2_tokenizer.py``).
 
 It is the standard GPT-2 byte-level BPE tokenizer (50,257 tokens; ``<|endoftext|>`` = 50256 is the
-bos/eos/unk token). No pad token is set; for padded batches use
-``tokenizer.pad_token = tokenizer.eos_token``. Loading needs no network access.
+bos/eos/unk token, and also the pad token, with padding on the left: the side xLSTM generation
+treats exactly). Loading needs no network access.
 """
 
 from __future__ import annotations
