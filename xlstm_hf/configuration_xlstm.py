@@ -67,7 +67,9 @@ class xLSTMConfig(PreTrainedConfig):
         ffn_proj_factor: up-projection factor of the gated feed-forward after each sLSTM cell.
         ffn_round_up_to: rounding multiple of the feed-forward width.
         ffn_act_fn: activation of the gated feed-forward.
-        use_bias: biases in the block projections (official `bias`).
+        use_bias: biases in the mLSTM block's projections (official top-level `bias`).
+        ffn_use_bias: biases in the sLSTM block's gated feed-forward (official `feedforward.bias`, which
+            the official package does not take from the top-level `bias`).
         add_post_blocks_norm: LayerNorm after the last block.
         tie_word_embeddings: share the input embedding with the LM head (official `tie_weights`).
         dropout: dropout after each block's down-projection (and in the sLSTM cell output).
@@ -87,7 +89,7 @@ class xLSTMConfig(PreTrainedConfig):
     num_blocks: int = 24
     slstm_at: list[int] | str = "7:1"
     mlstm_num_heads: int = 4
-    mlstm_proj_factor: float = 2.0
+    mlstm_proj_factor: float | int = 2.0
     mlstm_round_up_to: int = 64
     mlstm_conv_kernel_size: int = 4
     mlstm_qkv_proj_blocksize: int = 4
@@ -95,16 +97,17 @@ class xLSTMConfig(PreTrainedConfig):
     slstm_conv_kernel_size: int = 4
     slstm_bias_init: str = "powerlaw_blockdependent"
     slstm_recurrent_init: str = "zeros"
-    ffn_proj_factor: float = 1.3
+    ffn_proj_factor: float | int = 1.3
     ffn_round_up_to: int = 64
     ffn_act_fn: str = "gelu"
     use_bias: bool = False
+    ffn_use_bias: bool = False
     add_post_blocks_norm: bool = True
     tie_word_embeddings: bool = False
-    dropout: float = 0.0
+    dropout: float | int = 0.0
     add_embedding_dropout: bool = False
-    norm_eps: float = 1e-5
-    mlstm_eps: float = 1e-6
+    norm_eps: float | int = 1e-5
+    mlstm_eps: float | int = 1e-6
     chunk_size: int = 64
     mlstm_mode: str = "chunkwise"
     use_cache: bool = True
@@ -113,6 +116,8 @@ class xLSTMConfig(PreTrainedConfig):
     pad_token_id: int | None = 50256
 
     def __post_init__(self, **kwargs):
+        for name in ("mlstm_proj_factor", "ffn_proj_factor", "dropout", "norm_eps", "mlstm_eps"):
+            setattr(self, name, float(getattr(self, name)))  # YAML and JSON may write 2.0 as 2
         for name in ("vocab_size", "hidden_size", "num_blocks", "mlstm_num_heads", "slstm_num_heads",
                      "mlstm_round_up_to", "ffn_round_up_to", "mlstm_qkv_proj_blocksize", "chunk_size"):
             if getattr(self, name) < 1:

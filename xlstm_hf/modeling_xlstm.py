@@ -320,8 +320,8 @@ class GatedFeedForward(nn.Module):
     def __init__(self, config: xLSTMConfig):
         super().__init__()
         H, Fd = config.hidden_size, config.ffn_dim
-        self.up_proj = Linear(H, 2 * Fd, config.use_bias, small_init_std(H))  # [gate | up]
-        self.down_proj = Linear(Fd, H, config.use_bias, wang_init_std(H, config.num_blocks))
+        self.up_proj = Linear(H, 2 * Fd, config.ffn_use_bias, small_init_std(H))  # [gate | up]
+        self.down_proj = Linear(Fd, H, config.ffn_use_bias, wang_init_std(H, config.num_blocks))
         self.act = ACT_FNS[config.ffn_act_fn]
         self.dropout = nn.Dropout(config.dropout)
 
