@@ -84,17 +84,18 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
     """
     out_dtype = v.dtype
     q, k, v, i, f = _up(q, k, v, i, f)
-    B, NH, T, DK = q.shape
+    B, NH, _, DK = q.shape
     k = k / math.sqrt(DK)
     log_f = F.logsigmoid(f)
     if initial_state is None:
         initial_state = mlstm_zero_state(B, NH, DK, v.shape[-1], q.device, q.dtype)
     C, n, m = (s.to(q.dtype) for s in initial_state)
     outputs = []
-    for start in range(0, T, chunk_size):
-        sl = slice(start, start + chunk_size)
-        qc, kc, vc, ic = q[..., sl, :], k[..., sl, :], v[..., sl, :], i[..., sl]
-        b = log_f[..., sl].cumsum(-1)  # (B, NH, L)
+    # split() rather than slicing in the loop: its backward is one concatenation, not a zero-filled
+    # full-size gradient per chunk
+    chunks = zip(*(t.split(chunk_size, dim=-2) for t in (q, k, v)), *(t.split(chunk_size, dim=-1) for t in (i, log_f)))
+    for qc, kc, vc, ic, log_fc in chunks:
+        b = log_fc.cumsum(-1)  # (B, NH, L)
         L = b.shape[-1]
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(~causal, float("-inf"))
@@ -142,11 +143,11 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6):
 
 def mlstm_recurrent(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, **_):
     """mLSTM over a sequence one step at a time (shapes as `mlstm_chunkwise`)."""
-    B, NH, T, DK = q.shape
+    B, NH, _, DK = q.shape
     state = initial_state if initial_state is not None else mlstm_zero_state(B, NH, DK, v.shape[-1], q.device)
     outputs = []
-    for t in range(T):
-        h, state = mlstm_step(q[..., t, :], k[..., t, :], v[..., t, :], i[..., t], f[..., t], state, eps=eps)
+    for q_t, k_t, v_t, i_t, f_t in zip(*(x.unbind(-2) for x in (q, k, v)), *(x.unbind(-1) for x in (i, f))):
+        h, state = mlstm_step(q_t, k_t, v_t, i_t, f_t, state, eps=eps)
         outputs.append(h)
     return torch.stack(outputs, dim=-2).to(v.dtype), (state if output_final_state else None)
 
@@ -181,10 +182,11 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
     r = recurrent_kernel.reshape(NH, DH, G * DH)
     state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device)
     h, c, n, m = (s.to(x.dtype).transpose(0, 1) for s in state)  # each (NH, B, DH)
-    keep = None if mask is None else mask.T[:, None, :, None]  # (T, 1, B, 1)
+    keeps = [None] * T if mask is None else mask.T[:, None, :, None].unbind(0)  # each (1, B, 1)
     outputs = []
-    for t in range(T):
-        raw = wx[t] + torch.bmm(h, r).view(NH, B, G, DH)
+    # unbind() rather than wx[t]: indexing in the loop would give each step a full-size zero gradient
+    for wx_t, keep in zip(wx.unbind(0), keeps):
+        raw = wx_t + torch.bmm(h, r).view(NH, B, G, DH)
         i_raw, f_raw, z_raw, o_raw = raw.unbind(2)
         log_f_m = m + F.logsigmoid(f_raw)
         m_new = torch.maximum(i_raw, log_f_m)
@@ -194,8 +196,7 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
         n_new = f_gate * n + i_gate
         h_new = torch.sigmoid(o_raw) * c_new / n_new
         if keep is not None:
-            k_t = keep[t]
-            h_new, c_new, n_new, m_new = (torch.where(k_t, a, b) for a, b in ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
+            h_new, c_new, n_new, m_new = (torch.where(keep, a, b) for a, b in ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
         h, c, n, m = h_new, c_new, n_new, m_new
         outputs.append(h)
     out = torch.stack(outputs, dim=0).permute(2, 0, 1, 3).to(out_dtype)  # (B, T, NH, DH)

@@ -1,0 +1,178 @@
+"""The `xlstm-hf` command: `demo`, `generate` and `convert`.
+
+    xlstm-hf demo [--minutes 3] [--output-dir xlstm-demo]
+    xlstm-hf generate --model xlstm-demo --prompt "ROMEO:"
+    xlstm-hf convert path/to/official path/to/out [--dtype bfloat16]
+
+Expected failures (a missing folder, a bad checkpoint) print one line to stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _prompt_arg(text: str) -> str:
+    """A prompt from the command line, where a typed `\\n` stands for a newline."""
+    return text.replace("\\n", "\n")
+
+
+def _model_folder(model: str) -> str:
+    """A local model folder (checked to exist and hold a config.json), or a Hub repo id ("owner/name")
+    that is not a local path."""
+    path = Path(model).expanduser()
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith("."):
+        return model  # left to from_pretrained (needs network, or the local Hub cache)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model folder at {model}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model} is not a model folder (no config.json)")
+    return str(path)
+
+
+def _load_tokenizer(model: str):
+    """The folder's tokenizer, or the shipped GPT-2 tokenizer when the folder has none."""
+    from transformers import AutoTokenizer
+
+    path = Path(model)
+    if path.is_dir() and not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from .tokenization import load_gpt2_tokenizer
+
+        print(f"note: {model} has no tokenizer files; using the shipped GPT-2 tokenizer", file=sys.stderr)
+        return load_gpt2_tokenizer()
+    return AutoTokenizer.from_pretrained(model)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    if args.minutes <= 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    run_demo(args.output_dir, minutes=args.minutes, seed=args.seed, device=args.device, prompt=args.prompt,
+             max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .demo import generate_text, resolve_device
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.greedy and (args.temperature <= 0 or args.top_k < 0):
+        raise ValueError("--temperature must be > 0 and --top-k >= 0 (or use --greedy)")
+    model_path = _model_folder(args.model)
+    device = resolve_device(args.device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if device.type == "cpu" else "auto")
+    except OSError as error:
+        if Path(model_path).is_dir():
+            raise
+        raise OSError(f"{model_path} is not a local folder, and loading it from the Hub failed: "
+                      f"{str(error).strip().splitlines()[0]}") from error
+    model = model.to(device).eval()
+    tokenizer = _load_tokenizer(model_path)
+    generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                  temperature=args.temperature, top_k=args.top_k, seed=args.seed, stream=True)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    src = Path(args.src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {args.src}")
+    try:
+        from xlstm_hf.conversion.official import convert_official_checkpoint
+    except ImportError as error:
+        raise OSError(f"checkpoint conversion is not available in this installation ({error})") from error
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = convert_official_checkpoint(src, args.out, dtype, progress=print)
+    print(f"converted {src} -> {out or args.out}; load it with AutoModelForCausalLM.from_pretrained after "
+          f"`import xlstm_hf`")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xlstm-hf",
+        description="xLSTM (Beck et al. 2024) as a Hugging Face Transformers model: train a demo, generate "
+                    "text, convert official checkpoints.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="train a small xLSTM[7:1] on bundled Shakespeare, save it, reload it and generate",
+        description="Train a small xLSTM[7:1] (8 blocks, 256 wide, ~16M parameters) on the bundled Shakespeare "
+                    "text for a wall-clock budget, report validation loss/perplexity before and after, save "
+                    "model + tokenizer, reload them with the Auto classes and stream a sampled continuation.",
+    )
+    demo.add_argument("--output-dir", default="xlstm-demo", help="where to save the model (default: %(default)s)")
+    demo.add_argument("--minutes", type=float, default=3.0, help="training time budget (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--prompt", type=_prompt_arg, default="HAMLET:\n",
+                      help=r"prompt to continue; '\n' is a newline (default: 'HAMLET:\n')")
+    demo.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser(
+        "generate", help="generate text from a saved model folder, streamed to stdout",
+        description="Load a model folder with AutoModelForCausalLM / AutoTokenizer and stream a continuation "
+                    "of the prompt (sampling by default, --greedy for greedy decoding).",
+    )
+    gen.add_argument("--model", required=True, metavar="PATH", help="model folder (as written by save_pretrained)")
+    gen.add_argument("--prompt", type=_prompt_arg, default="ROMEO:",
+                     help=r"prompt to continue; '\n' is a newline (default: %(default)s)")
+    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens (default: %(default)s)")
+    gen.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser(
+        "convert", help="convert a checkpoint of the official `xlstm` package into a Hugging Face model folder",
+        description="Convert an official xlstm checkpoint folder (config.yaml + model.safetensors or one "
+                    ".pt/.pth/.bin file; sLSTM weights of the 'vanilla' or 'cuda' backend) into a folder that "
+                    "AutoModelForCausalLM.from_pretrained loads.",
+    )
+    conv.add_argument("src", metavar="SRC", help="official checkpoint folder")
+    conv.add_argument("out", metavar="OUT", help="output folder")
+    conv.add_argument("--dtype", choices=DTYPES, default=None,
+                      help="dtype of the saved weights (default: that of the checkpoint)")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `xlstm-hf` console script. Returns 0; exits with 2 on an expected error."""
+    from huggingface_hub.errors import StrictDataclassError  # an invalid config value
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, OSError, StrictDataclassError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"xlstm-hf {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"xlstm-hf {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
