@@ -18,12 +18,6 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def set_mode(model, mode):
-    for block in model.backbone.blocks:
-        if hasattr(block, "mlstm"):
-            block.mlstm.mode = mode
-
-
 def stepwise_logits(model, ids, mask=None):
     cache = xLSTMCache(model.config)
     out = []
@@ -39,7 +33,7 @@ def test_parallel_chunkwise_and_step_agree(T):
     ids = torch.randint(0, 97, (2, T))
     with torch.no_grad():
         chunk = model(ids, use_cache=False).logits
-        set_mode(model, "parallel")
+        model.config.mlstm_mode = "parallel"
         par = model(ids, use_cache=False).logits
         step = stepwise_logits(model, ids)
     assert rel_err(par, chunk) < 1e-9

@@ -48,14 +48,14 @@ def wang_init_std(dim: int, num_blocks: int) -> float:
 
 
 class Linear(nn.Linear):
-    """nn.Linear initialised with a normal(0, `std`) weight and a zero bias (`std=0` gives zeros)."""
+    """nn.Linear initialised with a normal(0, `std`) weight and a zero bias."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, std: float):
         self.init_std = std
         super().__init__(in_features, out_features, bias=bias)
 
     def reset_parameters(self):
-        init.normal_(self.weight, std=self.init_std) if self.init_std > 0 else init.zeros_(self.weight)
+        init.normal_(self.weight, std=self.init_std)
         if self.bias is not None:
             init.zeros_(self.bias)
 
@@ -153,6 +153,22 @@ class CausalConv1d(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+class GateLinear(nn.Linear):
+    """A gate pre-activation projection: zero weight, bias initialised as the official mLSTM does it
+    (input gate normal(0, 0.1); forget gate linearly spaced in [3, 6], i.e. remember by default)."""
+
+    def __init__(self, in_features: int, heads: int, bias_init: str):
+        self.bias_init = bias_init
+        super().__init__(in_features, heads, bias=True)
+
+    def reset_parameters(self):
+        init.zeros_(self.weight)
+        if self.bias_init == "linspace":
+            init.copy_(self.bias, torch.linspace(3.0, 6.0, self.out_features))
+        else:
+            init.normal_(self.bias, std=0.1)
+
+
 class mLSTMLayer(nn.Module):
     """The mLSTM block's mixer (paper Fig. 11): up-projection into an mLSTM branch and an output-gate branch.
 
@@ -164,8 +180,8 @@ class mLSTMLayer(nn.Module):
     def __init__(self, config: xLSTMConfig):
         super().__init__()
         H, I, NH = config.hidden_size, config.mlstm_inner_dim, config.mlstm_num_heads
-        self.num_heads, self.inner_dim, self.eps = NH, I, config.mlstm_eps
-        self.mode, self.chunk_size = config.mlstm_mode, config.chunk_size
+        self.config = config  # mlstm_mode and chunk_size are read per call, so they can be changed on a model
+        self.num_heads, self.eps = NH, config.mlstm_eps
         small = small_init_std(H)
         self.up_proj = Linear(H, 2 * I, config.use_bias, small)
         self.conv = CausalConv1d(I, config.mlstm_conv_kernel_size) if config.mlstm_conv_kernel_size else None
@@ -213,31 +229,16 @@ class mLSTMLayer(nn.Module):
             h, cell_state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], previous, self.eps)
             h = h.to(v.dtype)[:, :, None]
         else:
-            form = self.mode if previous is None and not output_state else "chunkwise"
+            # the parallel form has no state in or out; with a state to read or write, chunkwise is used
+            form = self.config.mlstm_mode if previous is None and not output_state else "chunkwise"
             h, cell_state = MLSTM_FORMS[form](q, k, v, i, f, initial_state=previous, output_final_state=output_state,
-                                              eps=self.eps, chunk_size=self.chunk_size)
+                                              eps=self.eps, chunk_size=self.config.chunk_size)
         h = self.outnorm(h.transpose(1, 2)) + self.learnable_skip * x_conv
         y = self.dropout(self.down_proj(h * F.silu(z)))
         if not output_state:
             return y, None
         C, n, m = cell_state
         return y, {"conv": window, "C": C, "n": n, "m": m}
-
-
-class GateLinear(nn.Linear):
-    """A gate pre-activation projection: zero weight, bias initialised as the official mLSTM does it
-    (input gate normal(0, 0.1); forget gate linearly spaced in [3, 6], i.e. remember by default)."""
-
-    def __init__(self, in_features: int, heads: int, bias_init: str):
-        self.bias_init = bias_init
-        super().__init__(in_features, heads, bias=True)
-
-    def reset_parameters(self):
-        init.zeros_(self.weight)
-        if self.bias_init == "linspace":
-            init.copy_(self.bias, torch.linspace(3.0, 6.0, self.out_features))
-        else:
-            init.normal_(self.bias, std=0.1)
 
 
 class sLSTMLayer(nn.Module):
