@@ -1,0 +1,1 @@
+"""Model-card templates (installed as xlstm_hf.model_cards)."""
