@@ -15,6 +15,10 @@ sLSTM (paper eqs. 8-17): scalar memory per unit with exponential input gate, sig
 space and head-wise recurrent matrices R, in `slstm_recurrent`.
 
 Conventions shared by all functions:
+- the stabilisers m are constants for autograd (detached where they are computed). The cells' outputs do
+  not depend on them (the sLSTM exactly, the mLSTM up to its eps), so output gradients are the true ones;
+  gradients of returned states are those with m held fixed, which is what chaining calls needs, and an
+  m passed in as initial state still gets its gradient. Fused kernels follow the same rule;
 - an empty state has C = n = 0 and m = -inf, so the first step sets m_1 = i~_1; this is exactly the
   row-wise stabiliser of the parallel form (and of the official package's `forward`);
 - a stabiliser of -inf (nothing seen yet) is replaced by 0 where it is subtracted, which keeps exp() finite;
@@ -68,7 +72,7 @@ def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, 
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     # log D[t, s] = log(f_{s+1} ... f_t) + i~_s for s <= t
     log_d = (b[..., :, None] - b[..., None, :] + i[..., None, :]).masked_fill(~causal, float("-inf"))
-    m = log_d.amax(-1)  # (B, NH, T): the stabiliser m_t of the recurrent form
+    m = log_d.amax(-1).detach()  # (B, NH, T): the stabiliser m_t of the recurrent form
     scores = (q @ k.transpose(-1, -2)) * torch.exp(log_d - _finite(m)[..., None])
     normaliser = torch.maximum(scores.sum(-1).abs(), torch.exp(-m)) + eps
     h = (scores / normaliser[..., None]) @ v
@@ -100,7 +104,7 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(~causal, float("-inf"))
         log_carry = b + m[..., None]  # weight of the carried state at each position
-        stab = torch.maximum(log_d.amax(-1), log_carry)  # = m_t of the recurrent form
+        stab = torch.maximum(log_d.amax(-1), log_carry).detach()  # = m_t of the recurrent form
         stab0 = _finite(stab)
         scores = (qc @ kc.transpose(-1, -2)) * torch.exp(log_d - stab0[..., None])
         carry = torch.exp(log_carry - stab0)
@@ -110,7 +114,7 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
         outputs.append(numerator / normaliser[..., None])
         # advance the state to the end of the chunk
         log_w = b[..., -1:] - b + ic  # weight of each token's k v^T in the end-of-chunk state
-        m_new = torch.maximum(b[..., -1] + m, log_w.amax(-1))
+        m_new = torch.maximum(b[..., -1] + m, log_w.amax(-1)).detach()
         m_new0 = _finite(m_new)
         decay = torch.exp(b[..., -1] + m - m_new0)
         kw = kc * torch.exp(log_w - m_new0[..., None])[..., None]
@@ -130,7 +134,7 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6):
     C, n, m = (s.to(q.dtype) for s in state)
     k = k / math.sqrt(k.shape[-1])
     log_f = F.logsigmoid(f)
-    m_new = torch.maximum(log_f + m, i)
+    m_new = torch.maximum(log_f + m, i).detach()
     m_new0 = _finite(m_new)
     decay = torch.exp(log_f + m - m_new0)
     gain = torch.exp(i - m_new0)
@@ -189,7 +193,7 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
         raw = wx_t + torch.bmm(h, r).view(NH, B, G, DH)
         i_raw, f_raw, z_raw, o_raw = raw.unbind(2)
         log_f_m = m + F.logsigmoid(f_raw)
-        m_new = torch.maximum(i_raw, log_f_m)
+        m_new = torch.maximum(i_raw, log_f_m).detach()
         i_gate = torch.exp(i_raw - m_new)
         f_gate = torch.exp(log_f_m - m_new)
         c_new = f_gate * c + i_gate * torch.tanh(z_raw)
