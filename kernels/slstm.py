@@ -13,6 +13,8 @@ Shapes (as the reference): x (B, T, NH, 4, DH) input parts of the gate pre-activ
 R (NH, DH, 4, DH); bias (NH, 4, DH); states (B, NH, DH); mask (B, T) bool or None.
 """
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -279,10 +281,16 @@ class _SLSTMFunction(torch.autograd.Function):
 
 
 def slstm_recurrent_triton(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
-    """`xlstm_hf.cells.slstm_recurrent` as one fused Triton kernel per direction (same signature)."""
+    """`xlstm_hf.cells.slstm_recurrent` as one fused Triton kernel per direction (same signature).
+
+    Head dims up to MAX_HEAD_DIM; larger heads fall back to the reference with a warning."""
     B, T, NH, _, DH = x.shape
-    if DH > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton sLSTM kernel supports head dims up to {MAX_HEAD_DIM}, got {DH}")
+    if DH > MAX_HEAD_DIM:  # R would not fit on chip: the reference does the job
+        from xlstm_hf.cells import slstm_recurrent
+
+        warnings.warn(f"the Triton sLSTM kernel supports head dims up to {MAX_HEAD_DIM}, got {DH}: "
+                      "using the PyTorch reference", stacklevel=2)
+        return slstm_recurrent(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
     if initial_state is None:
         zeros = torch.zeros(B, NH, DH, device=x.device, dtype=torch.float32)
         initial_state = (zeros, zeros, zeros, torch.full_like(zeros, float("-inf")))

@@ -4,11 +4,18 @@ The official initialisation leaves gate weights and the sLSTM recurrent matrices
 hide bugs in the recurrences, so tests perturb every parameter.
 """
 
-import pytest
+import os
+
 import torch
 
-import xlstm_hf  # noqa: F401  (registers the Auto classes)
-from xlstm_hf import xLSTMConfig, xLSTMForCausalLM
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter; it must be on before any kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import xlstm_hf  # noqa: E402,F401  (registers the Auto classes)
+from xlstm_hf import xLSTMConfig, xLSTMForCausalLM  # noqa: E402
 
 
 def tiny_config(**overrides) -> xLSTMConfig:

@@ -17,6 +17,8 @@ FFN_ACTIVATIONS = ("gelu", "relu", "relu^2", "sigmoid", "swish", "selu")
 SLSTM_BIAS_INITS = ("powerlaw_blockdependent", "small_init", "standard", "zeros")
 SLSTM_RECURRENT_INITS = ("zeros", "standard")
 MLSTM_MODES = ("chunkwise", "parallel")
+#: kernel backends (see backends.py): "auto" = Triton for CUDA tensors when available, else PyTorch
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 def round_up_dim(dim: int, factor: float, multiple_of: int) -> int:
@@ -78,7 +80,10 @@ class xLSTMConfig(PreTrainedConfig):
         mlstm_eps: epsilon added to the mLSTM normaliser max(|q.n|, exp(-m)).
         chunk_size: chunk length of the chunkwise mLSTM (training and prefill).
         mlstm_mode: `"chunkwise"` (linear memory, default) or `"parallel"` (quadratic; the paper's parallel
-            form, used only for inputs without a cache).
+            form, used only for inputs without a cache, by the PyTorch backend).
+        kernel_backend: `"auto"` (fused Triton kernels for CUDA tensors when Triton is installed, else the
+            PyTorch reference), `"torch"` or `"triton"`; the environment variable `XLSTM_KERNEL_BACKEND`
+            overrides it.
     """
 
     model_type = "xlstm_paper"
@@ -110,6 +115,7 @@ class xLSTMConfig(PreTrainedConfig):
     mlstm_eps: float | int = 1e-6
     chunk_size: int = 64
     mlstm_mode: str = "chunkwise"
+    kernel_backend: str = "auto"
     use_cache: bool = True
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
@@ -142,7 +148,8 @@ class xLSTMConfig(PreTrainedConfig):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name, allowed in (("ffn_act_fn", FFN_ACTIVATIONS), ("slstm_bias_init", SLSTM_BIAS_INITS),
-                              ("slstm_recurrent_init", SLSTM_RECURRENT_INITS), ("mlstm_mode", MLSTM_MODES)):
+                              ("slstm_recurrent_init", SLSTM_RECURRENT_INITS), ("mlstm_mode", MLSTM_MODES),
+                              ("kernel_backend", KERNEL_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.num_mlstm_blocks:

@@ -29,7 +29,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .cells import MLSTM_FORMS, mlstm_step, slstm_recurrent
+from .backends import get_ops
 from .configuration_xlstm import xLSTMConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ class mLSTMLayer(nn.Module):
     def __init__(self, config: xLSTMConfig):
         super().__init__()
         H, I, NH = config.hidden_size, config.mlstm_inner_dim, config.mlstm_num_heads
-        self.config = config  # mlstm_mode and chunk_size are read per call, so they can be changed on a model
+        self.config = config  # mlstm_mode, chunk_size and kernel_backend are read per call
         self.num_heads, self.eps = NH, config.mlstm_eps
         small = small_init_std(H)
         self.up_proj = Linear(H, 2 * I, config.use_bias, small)
@@ -225,14 +225,15 @@ class mLSTMLayer(nn.Module):
         heads = lambda t: t.view(B, T, self.num_heads, -1).transpose(1, 2)  # noqa: E731 (B, NH, T, D)
         q, k, v, i, f = heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2)
         previous = (state["C"], state["n"], state["m"]) if "C" in state else None
+        ops = get_ops(self.config.kernel_backend, x.device)
         if T == 1 and previous is not None:  # decode
-            h, cell_state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], previous, self.eps)
+            h, cell_state = ops["mlstm_step"](q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], previous, self.eps)
             h = h.to(v.dtype)[:, :, None]
         else:
             # the parallel form has no state in or out; with a state to read or write, chunkwise is used
             form = self.config.mlstm_mode if previous is None and not output_state else "chunkwise"
-            h, cell_state = MLSTM_FORMS[form](q, k, v, i, f, initial_state=previous, output_final_state=output_state,
-                                              eps=self.eps, chunk_size=self.config.chunk_size)
+            h, cell_state = ops[f"mlstm_{form}"](q, k, v, i, f, initial_state=previous, output_final_state=output_state,
+                                                 eps=self.eps, chunk_size=self.config.chunk_size)
         h = self.outnorm(h.transpose(1, 2)) + self.learnable_skip * x_conv
         y = self.dropout(self.down_proj(h * F.silu(z)))
         if not output_state:
@@ -249,6 +250,7 @@ class sLSTMLayer(nn.Module):
     def __init__(self, config: xLSTMConfig, block_idx: int):
         super().__init__()
         H, NH = config.hidden_size, config.slstm_num_heads
+        self.config = config  # kernel_backend is read per call
         self.num_heads, self.head_dim = NH, H // NH
         self.block_idx, self.num_blocks = block_idx, config.num_blocks
         self.bias_init, self.recurrent_init = config.slstm_bias_init, config.slstm_recurrent_init
@@ -298,7 +300,8 @@ class sLSTMLayer(nn.Module):
         gates = torch.stack([self.igate(x_conv), self.fgate(x_conv), self.zgate(x), self.ogate(x)], dim=-2)
         gates = gates.view(B, T, 4, self.num_heads, self.head_dim).transpose(2, 3)  # (B, T, NH, 4, DH)
         previous = tuple(state[key] for key in "hcnm") if "h" in state else None
-        h, cell_state = slstm_recurrent(gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
+        slstm = get_ops(self.config.kernel_backend, x.device)["slstm"]
+        h, cell_state = slstm(gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
         y = self.group_norm(self.dropout(h))
         if not output_state:
             return y, None
