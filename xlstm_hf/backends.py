@@ -17,25 +17,26 @@ import os
 
 import torch
 
-from . import cells
+from .cells import mlstm_chunkwise, mlstm_parallel, mlstm_step, slstm_recurrent
 from .configuration_xlstm import KERNEL_BACKENDS
 
 ENV_VAR = "XLSTM_KERNEL_BACKEND"
 
 TORCH_OPS = {
-    "mlstm_chunkwise": cells.mlstm_chunkwise,
-    "mlstm_parallel": cells.mlstm_parallel,
-    "mlstm_step": cells.mlstm_step,
-    "slstm": cells.slstm_recurrent,
+    "mlstm_chunkwise": mlstm_chunkwise,
+    "mlstm_parallel": mlstm_parallel,
+    "mlstm_step": mlstm_step,
+    "slstm": slstm_recurrent,
 }
 
 
 @functools.cache
 def triton_ops() -> dict:
-    """The Triton operations (imported on first use, so Triton stays optional)."""
-    from .kernels.mlstm_chunkwise import mlstm_chunkwise_triton
-    from .kernels.mlstm_step import mlstm_step_triton
-    from .kernels.slstm import slstm_recurrent_triton
+    """The Triton operations (imported on first use, so Triton stays optional). Absolute imports: a
+    checkpoint's copied code (trust_remote_code) runs without the installed package and its kernels."""
+    from xlstm_hf.kernels.mlstm_chunkwise import mlstm_chunkwise_triton
+    from xlstm_hf.kernels.mlstm_step import mlstm_step_triton
+    from xlstm_hf.kernels.slstm import slstm_recurrent_triton
 
     return {
         "mlstm_chunkwise": mlstm_chunkwise_triton,
@@ -46,7 +47,12 @@ def triton_ops() -> dict:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Triton and our kernels are importable (the kernels are absent where only a checkpoint's copied
+    model code runs, without the xlstm_hf package)."""
+    try:
+        return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("xlstm_hf.kernels") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -59,7 +65,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if name == "triton":
         if not triton_available():
-            raise ValueError("kernel_backend='triton' needs the `triton` package (pip install triton)")
+            raise ValueError("kernel_backend='triton' needs the `triton` package (pip install triton) and xlstm_hf's kernels")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"kernel_backend='triton' runs on CUDA tensors, got {device.type} tensors "
