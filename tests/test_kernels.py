@@ -166,3 +166,18 @@ def test_model_on_triton_backend_equals_torch():
     for got, ref in zip(results["triton"][1], results["torch"][1]):
         assert rel_err(got, ref) < 1e-4
     assert torch.equal(results["triton"][2], results["torch"][2])
+
+
+def test_slstm_kernel_half_precision_inputs():
+    """fp16 inputs (bf16 is wrong in the interpreter): fp32 math inside, outputs and input gradients in
+    fp16; compared with the reference on the same fp16 inputs, to fp16 resolution (1e-3 relative)."""
+    from xlstm_hf.kernels.slstm import slstm_recurrent_triton
+
+    x, R, b = slstm_inputs(2, 6, 2, 16)
+    x16 = x.detach().half().requires_grad_()
+    out, _ = slstm_recurrent_triton(x16, R, b)
+    ref, _ = cells.slstm_recurrent(x16, R, b)
+    assert out.dtype == torch.float16 and rel_err(out, ref) < 1e-3
+    (g,) = torch.autograd.grad(out.float().sum(), (x16,))
+    (g_ref,) = torch.autograd.grad(ref.float().sum(), (x16,))
+    assert g.dtype == torch.float16 and rel_err(g, g_ref) < 1e-3
