@@ -336,7 +336,7 @@ MLSTM_BLOCK_RENAMES = [
     (r"xlstm\.conv1d\.conv\.(weight|bias)", r"mlstm.conv.\1", "same"),
     (r"xlstm\.([qkv])_proj\.(weight|bias)", r"mlstm.\1_proj.\2", "same"),
     (r"xlstm\.mlstm_cell\.([if]gate)\.(weight|bias)", r"mlstm.\1.\2", "same"),
-    (r"xlstm\.mlstm_cell\.outnorm\.weight", "mlstm.outnorm.weight", "scale"),
+    (r"xlstm\.mlstm_cell\.outnorm\.weight", "mlstm.out_norm.weight", "scale"),
     (r"xlstm\.learnable_skip", "mlstm.learnable_skip", "same"),
     (r"xlstm\.proj_down\.(weight|bias)", r"mlstm.down_proj.\1", "same"),
 ]

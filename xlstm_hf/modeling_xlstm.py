@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .backends import get_ops
 from .configuration_xlstm import xLSTMConfig
+from .hub import xLSTMHubMixin
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks with the official package's initialisation
@@ -191,7 +192,7 @@ class mLSTMLayer(nn.Module):
         self.v_proj = HeadwiseLinear(I, blocks, config.use_bias, small)
         self.igate = GateLinear(3 * I, NH, bias_init="normal")
         self.fgate = GateLinear(3 * I, NH, bias_init="linspace")
-        self.outnorm = MultiHeadLayerNorm(I, config.norm_eps)
+        self.out_norm = MultiHeadLayerNorm(I, config.norm_eps)  # *_norm: Trainer exempts it from weight decay
         self.learnable_skip = nn.Parameter(torch.empty(I))
         self.down_proj = Linear(I, H, config.use_bias, wang_init_std(H, config.num_blocks))
         self.dropout = nn.Dropout(config.dropout)
@@ -234,7 +235,7 @@ class mLSTMLayer(nn.Module):
             form = self.config.mlstm_mode if previous is None and not output_state else "chunkwise"
             h, cell_state = ops[f"mlstm_{form}"](q, k, v, i, f, initial_state=previous, output_final_state=output_state,
                                                  eps=self.eps, chunk_size=self.config.chunk_size)
-        h = self.outnorm(h.transpose(1, 2)) + self.learnable_skip * x_conv
+        h = self.out_norm(h.transpose(1, 2)) + self.learnable_skip * x_conv
         y = self.dropout(self.down_proj(h * F.silu(z)))
         if not output_state:
             return y, None
@@ -422,7 +423,7 @@ class xLSTMCache:
 # --------------------------------------------------------------------------------------------------
 
 
-class xLSTMPreTrainedModel(PreTrainedModel):
+class xLSTMPreTrainedModel(xLSTMHubMixin, PreTrainedModel):
     config: xLSTMConfig
     config_class = xLSTMConfig
     base_model_prefix = "backbone"

@@ -1,0 +1,560 @@
+"""Training with the Hugging Face `Trainer`, offline on real text: `xlstm_hf.train` and `xlstm-hf train`.
+
+Tiny models from conftest.py on CPU. The tests that tokenise text use the real GPT-2 vocabulary (a tiny
+model with a 50304-row embedding) and a slice of the bundled Shakespeare text; the exactness tests
+(gradient accumulation, checkpointing, resuming) use the 97-token tiny model on random ids. The fast tests
+run on one thread: for models this small, a second thread only adds synchronisation.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
+
+import xlstm_hf  # noqa: F401  (registers the Auto classes)
+from xlstm_hf import cli, xLSTMForCausalLM
+from xlstm_hf.demo import SHAKESPEARE_PATH
+from xlstm_hf.tokenization import load_gpt2_tokenizer
+from xlstm_hf.train import MatrixDecayTrainer, TrainResult, check_vocab, text_dataset, text_files, train
+
+#: tiny_config overrides for a tiny model with the real GPT-2 vocabulary (padded to 50304)
+REAL_VOCAB = dict(vocab_size=50304, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256, hidden_size=32,
+                  num_blocks=2, slstm_at=[1])
+#: the same tiny model as overrides of the default (demo) config, for `xlstm-hf train --config-overrides`
+TINY_OVERRIDES = dict(hidden_size=32, num_blocks=2, slstm_at=[1], mlstm_num_heads=2, slstm_num_heads=2, chunk_size=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """The first 30,000 characters of the bundled text (9,010 GPT-2 tokens: Hamlet's opening scenes)."""
+    path = tmp_path_factory.mktemp("text") / "hamlet.txt"
+    path.write_text(SHAKESPEARE_PATH.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    return path
+
+
+def real_vocab_model(seed: int = 0) -> xLSTMForCausalLM:
+    """A tiny model with the real vocabulary and the official initialisation (what one would train)."""
+    torch.manual_seed(seed)
+    return xLSTMForCausalLM(tiny_config(**REAL_VOCAB))
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def trainer_args(output_dir, **overrides) -> TrainingArguments:
+    """Quiet CPU TrainingArguments without checkpoints, overridable."""
+    kwargs = dict(use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
+                  dataloader_pin_memory=False, seed=0)
+    kwargs.update(overrides)
+    return TrainingArguments(str(output_dir), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# text_dataset
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_text_dataset_cuts_the_token_stream_into_blocks(text_file, tokenizer):
+    stream = tokenizer(text_file.read_text(encoding="utf-8"))["input_ids"] + [tokenizer.eos_token_id]
+    data = text_dataset(text_file, tokenizer, block_size=32, eval_fraction=0.1, seed=0)
+    assert set(data) == {"train", "validation"}
+    n_blocks = len(stream) // 32
+    assert len(data["train"]) + len(data["validation"]) == n_blocks
+    assert len(data["validation"]) == round(0.1 * n_blocks)
+    rows = list(data["train"]) + list(data["validation"])
+    assert all(len(row["input_ids"]) == 32 and row["labels"] == row["input_ids"] for row in rows)
+    # together the two splits are exactly the stream's blocks (the partial last block dropped)
+    expected = sorted(tuple(stream[i : i + 32]) for i in range(0, n_blocks * 32, 32))
+    assert sorted(tuple(row["input_ids"]) for row in rows) == expected
+    # the split is random but seeded
+    again = text_dataset(text_file, tokenizer, block_size=32, eval_fraction=0.1, seed=0)
+    other = text_dataset(text_file, tokenizer, block_size=32, eval_fraction=0.1, seed=1)
+    assert again["validation"]["input_ids"] == data["validation"]["input_ids"]
+    assert other["validation"]["input_ids"] != data["validation"]["input_ids"]
+
+
+def test_text_dataset_reads_folders_and_lists_with_eos_after_each_file(tmp_path, tokenizer):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "b.txt").write_text("Second document, about the ghost.", encoding="utf-8")
+    (folder / "a.txt").write_text("First document: who's there?", encoding="utf-8")
+    (folder / "notes.md").write_text("not a .txt file", encoding="utf-8")
+    single = tmp_path / "single.txt"
+    single.write_text("A third, standalone file.", encoding="utf-8")
+    assert [p.name for p in text_files([folder, single])] == ["a.txt", "b.txt", "single.txt"]
+
+    eos = tokenizer.eos_token_id
+    stream = []
+    for text in ("First document: who's there?", "Second document, about the ghost.", "A third, standalone file."):
+        stream += tokenizer(text)["input_ids"] + [eos]
+    data = text_dataset([folder, single], tokenizer, block_size=4, eval_fraction=0.0)
+    assert len(data["validation"]) == 0
+    # without a validation split, the blocks stay in stream order
+    assert sum(data["train"]["input_ids"], []) == stream[: len(stream) // 4 * 4]
+    assert stream.count(eos) == 3
+
+
+def test_text_dataset_errors(tmp_path, tokenizer, text_file):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        text_dataset(tmp_path / "missing.txt", tokenizer, 32)
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .txt files"):
+        text_dataset(tmp_path / "empty_folder", tokenizer, 32)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty"):
+        text_dataset(empty, tokenizer, 32)
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.", encoding="utf-8")
+    with pytest.raises(ValueError, match="fewer than one block of 32"):
+        text_dataset(short, tokenizer, 32)
+    with pytest.raises(ValueError, match="too few to hold out"):
+        text_dataset(short, tokenizer, 8)  # 8 tokens with eos: one block, nothing left to train on
+    assert len(text_dataset(short, tokenizer, 8, eval_fraction=0)["train"]) == 1
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00 not utf-8")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        text_dataset(binary, tokenizer, 32)
+    with pytest.raises(ValueError, match="block_size"):
+        text_dataset(text_file, tokenizer, 1)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        text_dataset(text_file, tokenizer, 32, eval_fraction=1.0)
+
+
+def test_check_vocab(tokenizer):
+    check_vocab(tokenizer, tiny_config(**REAL_VOCAB))  # 50257 tokens fit in 50304 rows
+    with pytest.raises(ValueError, match=r"50257 tokens .* only 97"):
+        check_vocab(tokenizer, tiny_config())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training on the text with Trainer
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_train_on_text_loss_falls_and_perplexity_improves(text_file, tokenizer, tmp_path):
+    out = tmp_path / "run"
+    result = train(text_file, out, model=real_vocab_model(), tokenizer=tokenizer, block_size=32, max_steps=30,
+                   batch_size=8, lr=1e-2, warmup_steps=3, logging_steps=5, eval_steps=10, progress=False)
+    assert isinstance(result, TrainResult) and result.steps == 30
+    # an untrained model predicts ~uniformly over the vocabulary: loss ~ ln(50304) = 10.83
+    assert abs(result.eval_loss_before - math.log(50304)) < 0.3
+    steps, losses = zip(*result.train_losses)
+    assert steps == (1, 5, 10, 15, 20, 25, 30)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0] - 2.0, losses
+    assert [step for step, _ in result.eval_losses] == [0, 10, 20, 30]
+    assert result.eval_losses[0][1] == result.eval_loss_before and result.eval_losses[-1][1] == result.eval_loss_after
+    assert result.eval_loss_after < result.eval_loss_before - 2.0
+    assert result.eval_ppl_after == pytest.approx(math.exp(result.eval_loss_after))
+    assert result.eval_ppl_after < result.eval_ppl_before / 5
+
+    # the saved folder is the trained model with its tokenizer, loadable with the Auto classes; the
+    # validation loss recomputed from it is the one reported
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    loaded_tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(loaded_tokenizer) == 50257 and loaded_tokenizer.eos_token_id == 50256
+    assert model.config.use_cache is True  # Trainer switches it off for training; the saved config keeps it
+    validation = text_dataset(text_file, loaded_tokenizer, block_size=32, eval_fraction=0.1, seed=0)["validation"]
+    ids = torch.tensor(validation["input_ids"])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss == pytest.approx(result.eval_loss_after, abs=1e-4)
+
+
+def test_train_with_bf16_autocast_on_cpu(text_file, tokenizer, tmp_path):
+    model = real_vocab_model()
+    seen = set()
+    hook = model.backbone.blocks[0].mlstm.up_proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    result = train(text_file, tmp_path / "bf16", model=model, tokenizer=tokenizer, block_size=32, max_steps=20,
+                   batch_size=8, lr=1e-2, warmup_steps=2, logging_steps=5, eval_steps=10, bf16=True, progress=False)
+    hook.remove()
+    assert torch.bfloat16 in seen  # the matmuls really ran under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+    losses = [loss for _, loss in result.train_losses]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0] - 1.5, losses
+    assert math.isfinite(result.eval_loss_after) and result.eval_loss_after < result.eval_loss_before - 1.5
+
+
+def test_weight_decay_spares_norm_scales_biases_and_skip_weights(tmp_path):
+    """With weight decay, `train` decays weight matrices only. Trainer's own rule would also decay the
+    mLSTM's `learnable_skip` (initialised to 1) towards 0; the norms it already spares by name."""
+    model = tiny_model()
+    trainer = MatrixDecayTrainer(model=model, args=trainer_args(tmp_path, weight_decay=0.1))
+    decayed = set(trainer.get_decay_parameter_names(model))
+    for name, p in model.named_parameters():
+        assert (name in decayed) == (p.dim() >= 2), name
+    assert "backbone.blocks.0.mlstm.out_norm.weight" not in decayed
+    plain = set(Trainer(model=model, args=trainer_args(tmp_path, weight_decay=0.1)).get_decay_parameter_names(model))
+    assert not any("norm" in name for name in plain)  # every norm is named so that Trainer spares it
+    assert "backbone.blocks.0.mlstm.learnable_skip" not in decayed
+    trainer.create_optimizer()
+    groups = {group["weight_decay"]: {id(p) for p in group["params"]} for group in trainer.optimizer.param_groups}
+    assert groups[0.1] == {id(p) for p in model.parameters() if p.dim() >= 2}
+
+
+def random_dataset(n: int = 8, length: int = 16, seed: int = 0, ignored=None) -> Dataset:
+    """Random ids of the 97-token tiny model; `ignored[i]` leading labels of row i are -100."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (n, length), generator=gen)
+    labels = ids.clone()
+    for row, count in enumerate(ignored or []):
+        labels[row, :count] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """(batch 4, accumulate 1) and (batch 2, accumulate 2) over the same rows in the same order reach the
+    same weights: float64, plain SGD (no momentum, constant lr, no clipping), so the update is exactly
+    -lr * gradient of the step's loss, and the two runs may differ only by rounding.
+
+    The rows have very different numbers of valid labels (the leading `ignored` labels are -100), so the
+    two micro-batches of a step hold different token counts (steps 1 and 2: 15+3 vs 12+6 and 1+14 vs
+    8+4 predictions). The step's loss must be the sum of the token losses divided by the number of
+    predictions in the WHOLE step (Trainer's `num_items_in_batch`, which our forward passes to
+    `loss_function`). A model that took the mean per micro-batch and let Trainer average the micro-batch
+    means weights the tokens of the smaller micro-batch more, and ends elsewhere; the control run below
+    is exactly that (Trainer's path for models that do not accept `num_items_in_batch`) and must differ
+    by far more than the tolerance.
+    """
+    data = random_dataset(ignored=[0, 12, 3, 9, 14, 1, 7, 11])
+
+    def run(batch_size, accumulation, control=False):
+        model = tiny_model(dtype=torch.float64).train()
+        args = trainer_args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                            max_steps=2, optim="sgd", learning_rate=0.05, lr_scheduler_type="constant",
+                            max_grad_norm=0.0, train_sampling_strategy="sequential")
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+        if control:
+            trainer.model_accepts_loss_kwargs = False  # mean loss per micro-batch, averaged over micro-batches
+        trainer.train()
+        return params(model)
+
+    start = params(tiny_model(dtype=torch.float64))
+    full, accumulated, wrong = run(4, 1), run(2, 2), run(2, 2, control=True)
+    assert max_diff(full, start) > 0.1  # the steps moved the weights
+    assert max_diff(full, accumulated) < 1e-10
+    assert max_diff(full, wrong) > 1e-3
+
+
+class BlockNormCounter:
+    """Counts calls of a module inside each block: with checkpointing, the backward pass runs it again."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.hooks = [block.norm.register_forward_hook(self.count) for block in model.backbone.blocks]
+
+    def count(self, *args):
+        self.calls += 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Forward/backward with and without activation checkpointing (float64, left-padded batch, the sLSTM
+    and mLSTM blocks): identical gradients, and the blocks really were recomputed."""
+    model = tiny_model(dtype=torch.float64).train()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 97, (3, 20), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    counter = BlockNormCounter(model)
+
+    def gradients():
+        model.zero_grad()
+        counter.calls = 0
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}, counter.calls
+
+    plain, plain_calls = gradients()
+    model.activation_checkpointing_enable()
+    checkpointed, checkpointed_calls = gradients()
+    assert plain_calls == len(model.backbone.blocks)
+    assert checkpointed_calls == 2 * plain_calls  # forward, then again in backward
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_trainer_with_gradient_checkpointing_reaches_the_same_weights(tmp_path):
+    data = random_dataset(n=8)
+    counts = {}
+
+    def run(checkpointing):
+        model = tiny_model(dtype=torch.float64).train()
+        counter = BlockNormCounter(model)
+        args = trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=2, optim="sgd", learning_rate=0.05,
+                            lr_scheduler_type="constant", train_sampling_strategy="sequential",
+                            activation_checkpointing=checkpointing)
+        Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator).train()
+        counts[checkpointing] = counter.calls
+        return params(model)
+
+    plain, checkpointed = run(False), run(True)
+    assert counts[True] == 2 * counts[False]  # TrainingArguments turned checkpointing on
+    assert max_diff(plain, checkpointed) < 1e-12
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` optimizer steps (as a crash or a time limit would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+class StepCounter(TrainerCallback):
+    """Records the optimizer steps a run executes."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
+    """8 steps straight vs 5 steps, interrupted, then resumed from checkpoint-5 by a new Trainer with a
+    differently initialised model: identical weights. The run shuffles (random sampler: the resumed run
+    must restore the data order and RNG state), accumulates 2 micro-batches, uses AdamW with weight decay
+    and a cosine schedule with warmup (optimizer and scheduler state must be restored), and the
+    interruption falls in the middle of the second epoch (12 rows, 4 per step: 3 steps per epoch)."""
+    data = random_dataset(n=12)
+
+    def make(output_dir, model_seed, callbacks=()):
+        model = tiny_model(seed=model_seed).train()
+        args = trainer_args(output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=8,
+                            learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=2, weight_decay=0.1,
+                            save_strategy="steps", save_steps=5, seed=3)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                          callbacks=list(callbacks))
+        return trainer, model
+
+    trainer, straight = make(tmp_path / "straight", 0)
+    trainer.train()
+    straight_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    trainer, interrupted = make(tmp_path / "resumed", 0, [StopAt(5)])
+    trainer.train()
+    assert trainer.state.global_step == 5 and (tmp_path / "resumed" / "checkpoint-5").is_dir()
+    at_five = params(interrupted)
+
+    trainer, resumed = make(tmp_path / "resumed", 1)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-5"))
+    resumed_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert trainer.state.global_step == 8
+    assert max_diff(params(straight), at_five) > 1e-3  # the last three steps matter
+    assert max_diff(params(straight), params(resumed)) < 1e-6
+    assert resumed_losses == pytest.approx(straight_losses, abs=1e-6)
+
+
+def test_train_resumes_from_its_own_checkpoints(text_file, tmp_path):
+    """`train(save_steps=...)` then `train(resume_from_checkpoint=True)` after an interruption ends where an
+    uninterrupted run ends (the `--save-steps` / `--resume-from-checkpoint` path of `xlstm-hf train`)."""
+    from safetensors.torch import load_file
+
+    kwargs = dict(config_overrides=TINY_OVERRIDES, block_size=32, max_steps=6, batch_size=4, lr=1e-2, logging_steps=1,
+                  eval_fraction=0.05, save_steps=3, progress=False)
+    straight = train(text_file, tmp_path / "straight", **kwargs)
+    train(text_file, tmp_path / "resumed", callbacks=[StopAt(3)], **kwargs)
+    interrupted = load_file(tmp_path / "resumed" / "model.safetensors")
+    counter = StepCounter()
+    resumed = train(text_file, tmp_path / "resumed", resume_from_checkpoint=True, callbacks=[counter], **kwargs)
+    assert counter.steps == [4, 5, 6]  # continued from checkpoint-3 (a fresh start would reach the same weights)
+    assert resumed.steps == 6 and resumed.eval_loss_before is None  # no "before": the run started earlier
+    final = load_file(tmp_path / "resumed" / "model.safetensors")
+    expected = load_file(tmp_path / "straight" / "model.safetensors")
+    assert max_diff(expected, interrupted) > 1e-3
+    assert max_diff(expected, final) < 1e-6
+    assert resumed.eval_loss_after == pytest.approx(straight.eval_loss_after, abs=1e-6)
+
+
+def test_trainer_with_the_default_config_use_cache_true(tmp_path):
+    """The config default use_cache=True: training with Trainer (which turns it off) and with
+    `TrainingArguments(use_cache=True)` (which leaves it on, so evaluation builds caches) trains, evaluates
+    (also through `compute_metrics`, which sees the model outputs) and gives the same weights and losses.
+    transformers' own xLSTM crashes in backward here."""
+    data = random_dataset(n=8)
+    assert tiny_config().use_cache is True
+
+    def run(use_cache):
+        model = tiny_model()
+        args = trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+                            use_cache=use_cache, eval_strategy="steps", eval_steps=3)
+        trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                          data_collator=default_data_collator,
+                          compute_metrics=lambda pred: {"rows": float(len(pred.predictions))})
+        assert model.config.use_cache is use_cache
+        trainer.train()
+        metrics = trainer.evaluate()
+        return params(model), metrics, [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    start = params(tiny_model())
+    (off, off_metrics, off_losses), (on, on_metrics, on_losses) = run(False), run(True)
+    assert max_diff(off, start) > 1e-3
+    assert max_diff(off, on) == 0.0 and off_losses == on_losses
+    assert on_metrics["eval_rows"] == 8.0 and math.isfinite(on_metrics["eval_loss"])
+    assert on_metrics["eval_loss"] == pytest.approx(off_metrics["eval_loss"], abs=1e-6)
+
+    # and directly: a training forward that also returns the state backpropagates to the same gradients
+    model = tiny_model(dtype=torch.float64).train()
+    ids = torch.tensor(data["input_ids"][:2])
+
+    def gradients(**kwargs):
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, **kwargs)
+        out.loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}, out.past_key_values
+
+    without, no_cache = gradients(use_cache=False)
+    with_cache, cache = gradients(use_cache=True)
+    assert no_cache is None and cache is not None and cache.get_seq_length() == ids.shape[1]
+    assert max_diff(without, with_cache) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# xlstm-hf train
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_train_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: xlstm-hf train")
+    for option in ("DATA", "--output-dir", "--model", "--max-steps", "--epochs", "--batch-size", "--block-size", "--lr",
+                   "--grad-accum", "--bf16", "--gradient-checkpointing", "--seed", "--config-overrides"):
+        assert option in out, option
+
+
+def test_train_command_passes_its_options(monkeypatch, tmp_path, text_file):
+    import xlstm_hf.train as train_module
+
+    calls = []
+
+    def fake_train(data, output_dir, **kwargs):
+        calls.append((data, output_dir, kwargs))
+        return TrainResult(output_dir=str(output_dir), model_description="fake", num_params=1, train_blocks=9,
+                           eval_blocks=1, block_size=64, steps=3, epochs=0.5, train_seconds=1.0, train_loss=5.0,
+                           eval_loss_before=10.0, eval_loss_after=5.0)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    argv = ["train", str(text_file), str(text_file.parent), "--output-dir", str(tmp_path / "o"), "--max-steps", "3",
+            "--epochs", "2", "--batch-size", "4", "--block-size", "64", "--lr", "3e-4", "--grad-accum", "2", "--bf16",
+            "--gradient-checkpointing", "--seed", "7", "--config-overrides", '{"dropout": 0.1}', "--save-steps", "2"]
+    assert cli.main(argv) == 0
+    (data, output_dir, kwargs), = calls
+    assert data == [str(text_file), str(text_file.parent)] and output_dir == str(tmp_path / "o")
+    expected = dict(model=None, max_steps=3, epochs=2.0, batch_size=4, block_size=64, lr=3e-4, grad_accum=2, bf16=True,
+                    gradient_checkpointing=True, seed=7, config_overrides={"dropout": 0.1}, save_steps=2)
+    assert {key: kwargs[key] for key in expected} == expected
+
+
+def test_train_command_end_to_end(text_file, tmp_path, capsys):
+    out = tmp_path / "cli-run"
+    argv = ["train", str(text_file), "--output-dir", str(out), "--max-steps", "5", "--batch-size", "4",
+            "--block-size", "32", "--lr", "1e-2", "--logging-steps", "1", "--eval-steps", "5",
+            "--eval-fraction", "0.05",
+            "--config-overrides", json.dumps(TINY_OVERRIDES)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "validation loss before training" in printed
+    assert f"saved model and tokenizer to {out.resolve()}" in printed
+    summary = printed[printed.index("summary:"):]
+    before, after = (float(x) for x in summary.split("validation  loss ")[1].split(",")[0].split(" -> "))
+    assert after < before
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "xLSTMForCausalLM" and model.config.hidden_size == 32
+    assert model.config.layout == "xLSTM[1:1]" and model.config.vocab_size == 50304
+    inputs = tokenizer("HAMLET:", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+
+def test_train_command_bad_input_exits_2(tmp_path, capsys, text_file):
+    tiny = json.dumps(TINY_OVERRIDES)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    (tmp_path / "no_text").mkdir()
+    # a saved model with a 97-token vocabulary and no tokenizer files: the shipped GPT-2 tokenizer does not fit
+    small_vocab = tmp_path / "small-vocab-model"
+    tiny_model().save_pretrained(small_vocab)
+    capsys.readouterr()
+    out = str(tmp_path / "out")
+    cases = [
+        ([str(tmp_path / "missing.txt")], "no such file or folder"),
+        ([str(tmp_path / "no_text")], "no .txt files"),
+        ([str(empty), "--config-overrides", tiny], "empty"),
+        ([str(text_file), "--block-size", "100000", "--config-overrides", tiny], "fewer than one block"),
+        ([str(text_file), "--config-overrides", json.dumps({**TINY_OVERRIDES, "vocab_size": 1000})],
+         "50257 tokens but the model's vocabulary (config.vocab_size) has only 1000"),
+        ([str(text_file), "--model", str(small_vocab)],
+         "50257 tokens but the model's vocabulary (config.vocab_size) has only 97"),
+        ([str(text_file), "--model", str(tmp_path / "no-model")], "no model folder"),
+        ([str(text_file), "--config-overrides", "{hidden_size: 32}"], "not valid JSON"),
+        ([str(text_file), "--config-overrides", "[1, 2]"], "must be a JSON object"),
+        ([str(text_file), "--max-steps", "0", "--config-overrides", tiny], "max_steps must be at least 1"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", *args, "--output-dir", out])
+        assert exit_info.value.code == 2, args
+        last_line = capsys.readouterr().err.strip().split("\n")[-1]  # after any progress bars
+        assert last_line.startswith("xlstm-hf train: error:") and message in last_line, (args, last_line)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fine_tune_the_demo_model_on_the_bundled_text(tmp_path, capsys):
+    """`xlstm-hf train` on the whole bundled text with the default model (the demo's 16M-parameter
+    xLSTM[7:1]), then fine-tuned further from the saved folder (the tokenizer comes from there too).
+    Takes several minutes on 2 CPU cores."""
+    first, second = tmp_path / "scratch", tmp_path / "finetuned"
+    torch.set_num_threads(2)  # a 16M-parameter model uses both cores (the module fixture restores the setting)
+    assert cli.main(["train", str(SHAKESPEARE_PATH), "--output-dir", str(first), "--max-steps", "60",
+                     "--block-size", "64", "--lr", "3e-3", "--eval-steps", "30"]) == 0
+    assert cli.main(["train", str(SHAKESPEARE_PATH), "--output-dir", str(second), "--model", str(first),
+                     "--max-steps", "20", "--block-size", "64", "--lr", "1e-3", "--grad-accum", "2", "--bf16"]) == 0
+    printed = capsys.readouterr().out
+    with capsys.disabled():  # the figures, for `pytest -m slow -s`
+        print("".join(line + "\n" for line in printed.splitlines() if line.startswith("  validation")))
+    summaries = [part.split(",")[0].split(" -> ") for part in printed.split("validation  loss ")[1:]]
+    (before_1, after_1), (before_2, after_2) = [(float(a), float(b)) for a, b in summaries]
+    assert before_1 > 10.5 and after_1 < 7.5
+    assert before_2 == pytest.approx(after_1, abs=0.05)  # same validation split, same model
+    assert after_2 < before_2

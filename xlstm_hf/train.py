@@ -1,0 +1,425 @@
+"""Train or fine-tune an xLSTM with the Hugging Face `Trainer` on local text files.
+
+    from xlstm_hf.train import train
+    result = train("my_texts/", "xlstm-finetuned", max_steps=200)            # a new small xLSTM[7:1]
+    result = train("more.txt", "xlstm-more", model="xlstm-finetuned", lr=3e-4)  # continue a saved model
+    print(result.eval_loss_before, result.eval_loss_after, result.eval_ppl_after)
+
+or `xlstm-hf train my_texts/ --output-dir xlstm-finetuned` on the command line.
+
+`text_dataset` turns text files into a `datasets.DatasetDict` of fixed-length blocks ("train" and
+"validation"), the usual causal-LM recipe: every file is one document, tokenised, followed by the
+end-of-text token; all documents are concatenated and cut into blocks of `block_size` tokens (the tail
+that does not fill a block is dropped); a seeded random `eval_fraction` of the blocks is held out.
+`train` is a thin wrapper around `transformers.Trainer` / `TrainingArguments`: it evaluates before
+training, every `eval_steps` during it and at the end, and saves the final model and its tokenizer to
+`output_dir`. Everything is local; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from transformers import Trainer
+
+from .tokenization import load_gpt2_tokenizer
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def text_files(paths) -> list[Path]:
+    """The text files named by `paths`: a file, a folder (its `*.txt` files, sorted by name, not
+    recursive) or a list of both. Raises FileNotFoundError for a missing path or a folder without .txt
+    files."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no text files given")
+    files: list[Path] = []
+    for entry in paths:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.txt") if p.is_file())
+            if not found:
+                raise FileNotFoundError(f"no .txt files in folder {entry}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {entry}")
+    return files
+
+
+def check_vocab(tokenizer, config) -> None:
+    """Raise ValueError when the tokenizer can produce ids the model has no embedding for."""
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary (config.vocab_size) has only "
+            f"{config.vocab_size}; use the model's own tokenizer or a model with vocab_size >= {len(tokenizer)}"
+        )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, seed: int = 0):
+    """A `datasets.DatasetDict` with "train" and "validation" splits of `block_size`-token blocks.
+
+    Each row has `input_ids` and `labels` (the same ids: causal LM models shift the labels themselves).
+    Every file is one document: tokenised, then followed by the tokenizer's eos token (when it has one),
+    so the model learns where documents end and is told that the next one is unrelated. The documents
+    are concatenated and cut into consecutive blocks; the last partial block is dropped. A random
+    `eval_fraction` of the blocks (at least one when `eval_fraction > 0`), chosen with `seed`, is the
+    validation split; with `eval_fraction=0` the validation split is empty.
+    """
+    from datasets import Dataset, DatasetDict
+    from transformers.utils import logging as hf_logging
+
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2 (one next-token prediction), got {block_size}")
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    files = text_files(paths)
+    documents = Dataset.from_dict({"text": [_read_text(path) for path in files]})
+    # `map` would otherwise fingerprint its functions by pickling them, tokenizer included (~1 s); these
+    # in-memory datasets are never cached, so a fingerprint of the inputs is all it needs.
+    key = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    key += [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer), block_size]
+    fingerprint = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"])["input_ids"]
+        return {"input_ids": [doc + [eos] if doc and eos is not None else doc for doc in ids]}
+
+    def group_texts(batch):
+        ids = [token for doc in batch["input_ids"] for token in doc]
+        usable = len(ids) // block_size * block_size
+        blocks = [ids[start : start + block_size] for start in range(0, usable, block_size)]
+        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+    # Whole documents are longer than the tokenizer's model_max_length; that is expected before blocking.
+    tokenizer_logger = hf_logging.get_logger("transformers.tokenization_utils_base")
+    level = tokenizer_logger.level
+    tokenizer_logger.setLevel(hf_logging.ERROR)
+    try:
+        tokenized = documents.map(tokenize, batched=True, remove_columns=["text"], desc="tokenising",
+                                  new_fingerprint=f"{fingerprint}-tokens")
+    finally:
+        tokenizer_logger.setLevel(level)
+    num_tokens = sum(len(ids) for ids in tokenized["input_ids"])
+    names = ", ".join(str(path) for path in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    if num_tokens == 0:
+        raise ValueError(f"no text to train on: {names} {'is' if len(files) == 1 else 'are'} empty")
+    # One map call over all documents (batch_size=None), so only the very last partial block is dropped.
+    blocks = tokenized.map(group_texts, batched=True, batch_size=None, desc=f"grouping into blocks of {block_size}",
+                           new_fingerprint=f"{fingerprint}-blocks")
+    if len(blocks) == 0:
+        raise ValueError(f"{names}: {num_tokens} tokens are fewer than one block of {block_size} tokens; "
+                         f"use more text or a smaller block size")
+    if eval_fraction == 0:
+        return DatasetDict(train=blocks, validation=blocks.select([]))
+    num_eval = max(1, round(len(blocks) * eval_fraction))
+    if num_eval >= len(blocks):
+        raise ValueError(f"{names}: {num_tokens} tokens make only {len(blocks)} block(s) of {block_size}, too few to "
+                         f"hold out {eval_fraction:.0%} for validation; use more text, a smaller block size or "
+                         f"eval_fraction=0")
+    split = blocks.train_test_split(test_size=num_eval, shuffle=True, seed=seed)
+    return DatasetDict(train=split["train"], validation=split["test"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+class MatrixDecayTrainer(Trainer):
+    """`Trainer` that applies weight decay to weight matrices (and embeddings) only.
+
+    Trainer exempts parameters of `nn.LayerNorm` modules and names matching "bias" or "norm" patterns
+    (`.norm.`, `_norm.`), which covers every norm of the xLSTM but not the mLSTM's per-feature
+    `learnable_skip` (initialised to 1, which that rule would decay towards 0; the official package
+    exempts it). Here every parameter with fewer than two dimensions (norm scales, biases, skip
+    weights) is exempt.
+    """
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [name for name, p in model.named_parameters() if p.dim() >= 2]
+
+
+@dataclass
+class TrainResult:
+    """What `train` did. Losses are mean next-token cross-entropies in nats; steps are optimizer steps."""
+
+    output_dir: str
+    model_description: str
+    num_params: int
+    train_blocks: int
+    eval_blocks: int
+    block_size: int
+    steps: int
+    epochs: float
+    train_seconds: float
+    train_loss: float  # Trainer's average over the whole run
+    train_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) as logged
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss); step 0 = before
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+
+    @property
+    def eval_ppl_before(self) -> float | None:
+        return None if self.eval_loss_before is None else math.exp(self.eval_loss_before)
+
+    @property
+    def eval_ppl_after(self) -> float | None:
+        return None if self.eval_loss_after is None else math.exp(self.eval_loss_after)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "eval_ppl_before": self.eval_ppl_before, "eval_ppl_after": self.eval_ppl_after}
+
+
+def format_perplexity(loss: float) -> str:
+    """exp(loss) for printing: no decimals from 1,000 up."""
+    ppl = math.exp(loss)
+    return f"{ppl:,.0f}" if ppl >= 1000 else f"{ppl:,.1f}"
+
+
+def load_model_and_tokenizer(model=None, tokenizer=None, config_overrides: dict | None = None, seed: int = 0):
+    """(model, tokenizer, description) for `train`.
+
+    `model`: None (a new demo-sized xLSTM[7:1], `xlstm_hf.demo.demo_config(**config_overrides)`, with the
+    shipped GPT-2 tokenizer), a model folder or Hub id (loaded in float32 with `AutoModelForCausalLM`,
+    `config_overrides` applied to its config, e.g. `{"dropout": 0.1}`), or a model instance. `tokenizer`:
+    None (the model folder's tokenizer, else the shipped GPT-2 tokenizer), a folder/id or an instance.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
+
+    from .demo import demo_config
+    from .modeling_xlstm import xLSTMForCausalLM
+
+    overrides = dict(config_overrides or {})
+    set_seed(seed)
+    if model is None:
+        config = demo_config(**overrides)
+        model = xLSTMForCausalLM(config)
+        description = f"new {config.layout}, {config.num_blocks} blocks, hidden {config.hidden_size}"
+    elif isinstance(model, (str, os.PathLike)):
+        path = str(model)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **overrides)
+        description = f"{type(model).__name__} from {path}"
+        if tokenizer is None:
+            folder = Path(path)
+            has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+            if has_tokenizer or not folder.is_dir():
+                tokenizer = path
+            else:
+                description += " (the folder has no tokenizer: using the shipped GPT-2 tokenizer)"
+    elif isinstance(model, PreTrainedModel):
+        if overrides:
+            raise ValueError("config_overrides apply to a new model or one loaded from a path, not to a model instance")
+        description = type(model).__name__
+    else:
+        raise TypeError(f"model must be None, a path or a PreTrainedModel, got {type(model).__name__}")
+    if tokenizer is None:
+        tokenizer = load_gpt2_tokenizer()
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    check_vocab(tokenizer, model.config)
+    return model, tokenizer, description
+
+
+def train(
+    data,
+    output_dir: str | Path,
+    model=None,
+    tokenizer=None,
+    *,
+    config_overrides: dict | None = None,
+    block_size: int = 128,
+    eval_fraction: float = 0.1,
+    max_steps: int | None = None,
+    epochs: float = 1.0,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    grad_accum: int = 1,
+    warmup_steps: float = 0.1,
+    lr_scheduler_type: str = "cosine",
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    bf16: bool = False,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+    eval_steps: float | None = None,
+    logging_steps: float = 10,
+    save_steps: int | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    training_args: dict | None = None,
+    callbacks: list | None = None,
+    progress: bool = True,
+    out: TextIO | None = None,
+) -> TrainResult:
+    """Train `model` on `data` with `transformers.Trainer` and save model + tokenizer to `output_dir`.
+
+    data: text file(s)/folder(s) (see `text_dataset`; cut into `block_size` blocks, `eval_fraction` held
+        out) or a ready `DatasetDict` with "train" (and optionally "validation") rows of equal-length
+        `input_ids` (and `labels`).
+    model, tokenizer, config_overrides: see `load_model_and_tokenizer` (default: a new demo-sized
+        xLSTM[7:1] with the shipped GPT-2 tokenizer).
+    max_steps / epochs: training length in optimizer steps (wins when given) or epochs over "train".
+    batch_size: sequences per device per forward pass; with `grad_accum` micro-batches per optimizer
+        step, a step sees `batch_size * grad_accum` blocks. The loss is normalised by the number of
+        predicted tokens of the whole step (Trainer's `num_items_in_batch`).
+    lr, warmup_steps (int, or a float < 1 = fraction of the steps), lr_scheduler_type, weight_decay,
+        max_grad_norm: AdamW and its schedule, as in `TrainingArguments` (weight decay applies to weight
+        matrices only: see `MatrixDecayTrainer`).
+    bf16: bfloat16 autocast (on CPU too); weights stay float32.
+    gradient_checkpointing: recompute each block's activations in backward (less memory, slower).
+    eval_steps: evaluate every N steps (a float < 1 is a fraction of the run; default 0.2, five times).
+    save_steps: also write resumable checkpoints (`output_dir/checkpoint-N`) every N steps.
+    resume_from_checkpoint: a checkpoint folder (or True for the latest in `output_dir`) to continue from;
+        the "before" evaluation is then skipped.
+    training_args: further `TrainingArguments` fields (they override the ones set here).
+    progress: Trainer's progress bars and log lines; `out`: where the summary lines go (default stdout).
+
+    Returns a `TrainResult` with the logged training losses and the evaluation loss/perplexity before and
+    after training.
+    """
+    from datasets import Dataset, DatasetDict
+    from transformers import PrinterCallback, TrainingArguments, default_data_collator
+
+    out = out if out is not None else sys.stdout
+    say = lambda *args: print(*args, file=out, flush=True)  # noqa: E731
+    if batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"batch_size and grad_accum must be at least 1, got {batch_size} and {grad_accum}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    if max_steps is None and not epochs > 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    if not lr > 0:
+        raise ValueError(f"the learning rate must be positive, got {lr}")
+    output_dir = Path(output_dir)
+
+    if isinstance(data, Dataset):
+        data = DatasetDict(train=data)
+    if not isinstance(data, DatasetDict):
+        text_files(data)  # a missing file is reported before a model is built
+    model, tokenizer, description = load_model_and_tokenizer(model, tokenizer, config_overrides, seed)
+    if not isinstance(data, DatasetDict):
+        data = text_dataset(data, tokenizer, block_size, eval_fraction=eval_fraction, seed=seed)
+    train_data = data["train"]
+    eval_data = data["validation"] if "validation" in data and len(data["validation"]) else None
+    if len(train_data) == 0:
+        raise ValueError("the training split is empty")
+    block = len(train_data[0]["input_ids"])
+    num_params = sum(p.numel() for p in model.parameters())
+    use_cache = getattr(model.config, "use_cache", None)
+
+    args = dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps if max_steps is not None else -1,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=lr,
+        lr_scheduler_type=lr_scheduler_type,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        bf16=bf16,
+        activation_checkpointing=gradient_checkpointing,
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_data is not None else "no",
+        eval_steps=(eval_steps if eval_steps is not None else 0.2) if eval_data is not None else None,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        report_to="none",
+        disable_tqdm=not progress,
+    )
+    args.update(training_args or {})
+    trainer = MatrixDecayTrainer(
+        model=model,
+        args=TrainingArguments(**args),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # the log lines that replace the progress bar
+
+    device = trainer.args.device
+    say(f"model: {description}, {num_params / 1e6:.1f}M parameters, on {device.type}"
+        f"{' with bf16 autocast' if bf16 else ''}{', gradient checkpointing' if gradient_checkpointing else ''}")
+    say(f"data: {len(train_data):,} training / {len(eval_data) if eval_data is not None else 0:,} validation blocks "
+        f"of {block} tokens; batches of {batch_size} x {grad_accum} (accumulated) blocks per step")
+
+    eval_before = None
+    if eval_data is not None and not resume_from_checkpoint:
+        eval_before = trainer.evaluate()["eval_loss"]
+        say(f"validation loss before training: {eval_before:.3f} (perplexity {format_perplexity(eval_before)})")
+
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    seconds = time.perf_counter() - start
+    state = trainer.state
+    history = state.log_history
+    train_losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+    # trainer.train() starts a new log history, without the evaluation before training
+    eval_losses = ([(0, eval_before)] if eval_before is not None else []) + [
+        (entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry
+    ]
+
+    eval_after = None
+    if eval_data is not None:
+        if eval_losses and eval_losses[-1][0] == state.global_step > 0:
+            eval_after = eval_losses[-1][1]  # already evaluated at the last step
+        else:
+            eval_after = trainer.evaluate()["eval_loss"]
+            eval_losses.append((state.global_step, eval_after))
+
+    say(f"trained {state.global_step} steps ({state.epoch or 0:.2f} epochs) in {seconds:.0f} s, "
+        f"training loss {output.training_loss:.3f}")
+    if eval_after is not None:
+        before = f"{eval_before:.3f} -> " if eval_before is not None else ""
+        before_ppl = f"{format_perplexity(eval_before)} -> " if eval_before is not None else ""
+        say(f"validation loss {before}{eval_after:.3f}, perplexity {before_ppl}{format_perplexity(eval_after)}")
+
+    # Trainer switched the config's use_cache off for training; the saved model should generate as before.
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    say(f"saved model and tokenizer to {output_dir.resolve()}")
+
+    return TrainResult(
+        output_dir=str(output_dir), model_description=description, num_params=num_params,
+        train_blocks=len(train_data), eval_blocks=len(eval_data) if eval_data is not None else 0, block_size=block,
+        steps=state.global_step, epochs=float(state.epoch or 0.0), train_seconds=seconds,
+        train_loss=float(output.training_loss), train_losses=train_losses, eval_losses=eval_losses,
+        eval_loss_before=eval_before, eval_loss_after=eval_after,
+    )
+
+
+__all__ = ["MatrixDecayTrainer", "TrainResult", "check_vocab", "format_perplexity", "load_model_and_tokenizer",
+           "text_dataset", "text_files", "train"]
