@@ -23,6 +23,14 @@ def _register() -> None:
         pass  # already registered by an earlier import in this process (e.g. importlib.reload)
     AutoModel.register(xLSTMConfig, xLSTMModel, exist_ok=True)
     AutoModelForCausalLM.register(xLSTMConfig, xLSTMForCausalLM, exist_ok=True)
+    # Checkpoints that travel: save_pretrained copies configuration_xlstm.py, modeling_xlstm.py and the
+    # sibling files they import into the folder and writes config.auto_map, so that
+    # `from_pretrained(folder, trust_remote_code=True)` works where xlstm_hf is not installed (the
+    # copied files must import only siblings and installed packages: tests/test_hub.py checks it with
+    # hub.remote_code_problems). Where xlstm_hf is imported, the classes registered above win.
+    xLSTMConfig.register_for_auto_class()
+    xLSTMModel.register_for_auto_class("AutoModel")
+    xLSTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 _register()

@@ -34,9 +34,12 @@ TORCH_OPS = {
 def triton_ops() -> dict:
     """The Triton operations (imported on first use, so Triton stays optional). Absolute imports: a
     checkpoint's copied code (trust_remote_code) runs without the installed package and its kernels."""
-    from xlstm_hf.kernels.mlstm_chunkwise import mlstm_chunkwise_triton
-    from xlstm_hf.kernels.mlstm_step import mlstm_step_triton
-    from xlstm_hf.kernels.slstm import slstm_recurrent_triton
+    try:  # a try block, which transformers' import check for copied code skips: the kernels are optional
+        from xlstm_hf.kernels.mlstm_chunkwise import mlstm_chunkwise_triton
+        from xlstm_hf.kernels.mlstm_step import mlstm_step_triton
+        from xlstm_hf.kernels.slstm import slstm_recurrent_triton
+    except ImportError as error:
+        raise ValueError("kernel_backend='triton' needs the xlstm_hf package and triton (pip install xlstm-hf[triton])") from error
 
     return {
         "mlstm_chunkwise": mlstm_chunkwise_triton,
