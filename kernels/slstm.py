@@ -39,6 +39,37 @@ def _tanh(x):
 
 
 @triton.jit
+def _load_head(R, BIAS, h_idx, d, d_ok, rr_ok, DH: tl.constexpr):
+    """This head's recurrent matrices R_g[j, k] = R[h, j, g, k] (BLOCK_D x BLOCK_D) and biases, fp32."""
+    r_base = R + h_idx * DH * 4 * DH + d[:, None] * 4 * DH + d[None, :]
+    b_base = BIAS + h_idx * 4 * DH + d
+    return (
+        tl.load(r_base + 0 * DH, mask=rr_ok, other=0.0).to(tl.float32),
+        tl.load(r_base + 1 * DH, mask=rr_ok, other=0.0).to(tl.float32),
+        tl.load(r_base + 2 * DH, mask=rr_ok, other=0.0).to(tl.float32),
+        tl.load(r_base + 3 * DH, mask=rr_ok, other=0.0).to(tl.float32),
+        tl.load(b_base + 0 * DH, mask=d_ok, other=0.0).to(tl.float32),
+        tl.load(b_base + 1 * DH, mask=d_ok, other=0.0).to(tl.float32),
+        tl.load(b_base + 2 * DH, mask=d_ok, other=0.0).to(tl.float32),
+        tl.load(b_base + 3 * DH, mask=d_ok, other=0.0).to(tl.float32),
+    )
+
+
+@triton.jit
+def _preactivations(x_ptr, ok, DH: tl.constexpr, h_prev, r_i, r_f, r_z, r_o, b_i, b_f, b_z, b_o):
+    """Gate pre-activations x_t + h_{t-1} R_g + b_g for the four gates (i, f, z, o), fp32."""
+    i_raw = tl.load(x_ptr + 0 * DH, mask=ok, other=0.0).to(tl.float32) + b_i[None, :]
+    f_raw = tl.load(x_ptr + 1 * DH, mask=ok, other=0.0).to(tl.float32) + b_f[None, :]
+    z_raw = tl.load(x_ptr + 2 * DH, mask=ok, other=0.0).to(tl.float32) + b_z[None, :]
+    o_raw = tl.load(x_ptr + 3 * DH, mask=ok, other=0.0).to(tl.float32) + b_o[None, :]
+    i_raw += tl.dot(h_prev, r_i, input_precision="ieee")
+    f_raw += tl.dot(h_prev, r_f, input_precision="ieee")
+    z_raw += tl.dot(h_prev, r_z, input_precision="ieee")
+    o_raw += tl.dot(h_prev, r_o, input_precision="ieee")
+    return i_raw, f_raw, z_raw, o_raw
+
+
+@triton.jit
 def _slstm_fwd_kernel(
     X, R, BIAS, MASK, STATES,  # STATES: (4, B, T+1, NH, DH) float32: h, c, n, m; time index 0 = initial state
     B, T, NH: tl.constexpr, DH: tl.constexpr,
@@ -51,17 +82,8 @@ def _slstm_fwd_kernel(
     d_ok = d < DH
     rd_ok = row_ok[:, None] & d_ok[None, :]
     rr_ok = d_ok[:, None] & d_ok[None, :]
-    # recurrent matrices of this head, R_g[j, k] = R[h, j, g, k], kept on chip for the whole sequence
-    r_base = R + h_idx * DH * 4 * DH + d[:, None] * 4 * DH + d[None, :]
-    r_i = tl.load(r_base + 0 * DH, mask=rr_ok, other=0.0).to(tl.float32)
-    r_f = tl.load(r_base + 1 * DH, mask=rr_ok, other=0.0).to(tl.float32)
-    r_z = tl.load(r_base + 2 * DH, mask=rr_ok, other=0.0).to(tl.float32)
-    r_o = tl.load(r_base + 3 * DH, mask=rr_ok, other=0.0).to(tl.float32)
-    b_base = BIAS + h_idx * 4 * DH + d
-    b_i = tl.load(b_base + 0 * DH, mask=d_ok, other=0.0).to(tl.float32)
-    b_f = tl.load(b_base + 1 * DH, mask=d_ok, other=0.0).to(tl.float32)
-    b_z = tl.load(b_base + 2 * DH, mask=d_ok, other=0.0).to(tl.float32)
-    b_o = tl.load(b_base + 3 * DH, mask=d_ok, other=0.0).to(tl.float32)
+    # recurrent matrices of this head, kept on chip for the whole sequence, and its biases
+    r_i, r_f, r_z, r_o, b_i, b_f, b_z, b_o = _load_head(R, BIAS, h_idx, d, d_ok, rr_ok, DH)
 
     splane = B * (T + 1) * NH * DH
     s0_off = (rows[:, None] * (T + 1) * NH + h_idx) * DH + d[None, :]
@@ -71,14 +93,7 @@ def _slstm_fwd_kernel(
     m = tl.load(STATES + 3 * splane + s0_off, mask=rd_ok, other=0.0)
     for t in range(T):
         x_off = ((rows[:, None] * T + t) * NH + h_idx) * 4 * DH + d[None, :]
-        i_raw = tl.load(X + x_off + 0 * DH, mask=rd_ok, other=0.0).to(tl.float32) + b_i[None, :]
-        f_raw = tl.load(X + x_off + 1 * DH, mask=rd_ok, other=0.0).to(tl.float32) + b_f[None, :]
-        z_raw = tl.load(X + x_off + 2 * DH, mask=rd_ok, other=0.0).to(tl.float32) + b_z[None, :]
-        o_raw = tl.load(X + x_off + 3 * DH, mask=rd_ok, other=0.0).to(tl.float32) + b_o[None, :]
-        i_raw += tl.dot(h, r_i, input_precision="ieee")
-        f_raw += tl.dot(h, r_f, input_precision="ieee")
-        z_raw += tl.dot(h, r_z, input_precision="ieee")
-        o_raw += tl.dot(h, r_o, input_precision="ieee")
+        i_raw, f_raw, z_raw, o_raw = _preactivations(X + x_off, rd_ok, DH, h, r_i, r_f, r_z, r_o, b_i, b_f, b_z, b_o)
         log_f_m = m + _log_sigmoid(f_raw)
         m_new = tl.maximum(i_raw, log_f_m)
         i_gate = tl.exp(i_raw - m_new)
@@ -116,16 +131,8 @@ def _slstm_bwd_kernel(
     d_ok = d < DH
     rd_ok = row_ok[:, None] & d_ok[None, :]
     rr_ok = d_ok[:, None] & d_ok[None, :]
-    r_base = R + h_idx * DH * 4 * DH + d[:, None] * 4 * DH + d[None, :]
-    r_i = tl.load(r_base + 0 * DH, mask=rr_ok, other=0.0).to(tl.float32)
-    r_f = tl.load(r_base + 1 * DH, mask=rr_ok, other=0.0).to(tl.float32)
-    r_z = tl.load(r_base + 2 * DH, mask=rr_ok, other=0.0).to(tl.float32)
-    r_o = tl.load(r_base + 3 * DH, mask=rr_ok, other=0.0).to(tl.float32)
-    b_base = BIAS + h_idx * 4 * DH + d
-    b_i = tl.load(b_base + 0 * DH, mask=d_ok, other=0.0).to(tl.float32)
-    b_f = tl.load(b_base + 1 * DH, mask=d_ok, other=0.0).to(tl.float32)
-    b_z = tl.load(b_base + 2 * DH, mask=d_ok, other=0.0).to(tl.float32)
-    b_o = tl.load(b_base + 3 * DH, mask=d_ok, other=0.0).to(tl.float32)
+    # recurrent matrices of this head, kept on chip for the whole sequence, and its biases
+    r_i, r_f, r_z, r_o, b_i, b_f, b_z, b_o = _load_head(R, BIAS, h_idx, d, d_ok, rr_ok, DH)
 
     state_off = rows[:, None] * NH * DH + h_idx * DH + d[None, :]
     plane = B * NH * DH
@@ -154,14 +161,9 @@ def _slstm_bwd_kernel(
         n_cur = tl.load(STATES + 2 * splane + cur_off, mask=rd_ok, other=1.0)
         m_cur = tl.load(STATES + 3 * splane + cur_off, mask=rd_ok, other=0.0)
         x_off = ((rows[:, None] * T + t) * NH + h_idx) * 4 * DH + d[None, :]
-        i_raw = tl.load(X + x_off + 0 * DH, mask=rd_ok, other=0.0).to(tl.float32) + b_i[None, :]
-        f_raw = tl.load(X + x_off + 1 * DH, mask=rd_ok, other=0.0).to(tl.float32) + b_f[None, :]
-        z_raw = tl.load(X + x_off + 2 * DH, mask=rd_ok, other=0.0).to(tl.float32) + b_z[None, :]
-        o_raw = tl.load(X + x_off + 3 * DH, mask=rd_ok, other=0.0).to(tl.float32) + b_o[None, :]
-        i_raw += tl.dot(h_prev, r_i, input_precision="ieee")
-        f_raw += tl.dot(h_prev, r_f, input_precision="ieee")
-        z_raw += tl.dot(h_prev, r_z, input_precision="ieee")
-        o_raw += tl.dot(h_prev, r_o, input_precision="ieee")
+        # recomputed rather than stored: one matmul per gate is cheaper than 4x the memory traffic
+        i_raw, f_raw, z_raw, o_raw = _preactivations(X + x_off, rd_ok, DH, h_prev, r_i, r_f, r_z, r_o,
+                                                     b_i, b_f, b_z, b_o)
         i_gate = tl.exp(i_raw - m_cur)
         f_gate = tl.exp(m_prev + _log_sigmoid(f_raw) - m_cur)
         z_val = _tanh(z_raw)
