@@ -111,7 +111,7 @@ def test_mlstm_step_kernel_matches_reference(B, NH, DK, DV):
     q, k = (torch.randn(B, NH, DK, generator=g).to(DEVICE) for _ in range(2))
     v = torch.randn(B, NH, DV, generator=g).to(DEVICE)
     state = cells.mlstm_zero_state(B, NH, DK, DV, DEVICE)
-    ref_state = state
+    ref_state = cells.mlstm_zero_state(B, NH, DK, DV, DEVICE)  # both steps update their state in place
     with torch.no_grad():
         for step in range(3):  # from the empty state (m = -inf) on, then carried
             i, f = (3 * torch.randn(B, NH, generator=g).to(DEVICE) for _ in range(2))

@@ -128,7 +128,9 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
 def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6):
     """One mLSTM step (the decode path). q, k: (B, NH, DK); v: (B, NH, DV); i, f: (B, NH).
 
-    Returns (h (B, NH, DV) in the compute dtype, new state).
+    Returns (h (B, NH, DV) in the compute dtype, new state). The state is handed over: without autograd
+    its C is updated in place when it already has the compute dtype (decoding: C is the largest tensor
+    the model touches per token, and the cache owns it).
     """
     q, k, v, i, f = _up(q, k, v, i, f)
     C, n, m = (s.to(q.dtype) for s in state)
@@ -137,10 +139,14 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6):
     m_new = torch.maximum(log_f + m, i).detach()
     m_new0 = _finite(m_new)
     decay = torch.exp(log_f + m - m_new0)
-    gain = torch.exp(i - m_new0)
-    C = decay[..., None, None] * C + (gain[..., None] * k)[..., :, None] * v[..., None, :]
-    n = decay[..., None] * n + gain[..., None] * k
-    numerator = (q[..., None, :] @ C).squeeze(-2)
+    gain_k = torch.exp(i - m_new0)[..., None] * k
+    # q^T C_t = decay q^T C_{t-1} + (q . gain k) v: read the old C once instead of the new one
+    numerator = decay[..., None] * (q[..., None, :] @ C).squeeze(-2) + (q * gain_k).sum(-1, keepdim=True) * v
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (C, q, k, v, i, f)):
+        C = decay[..., None, None] * C + gain_k[..., :, None] * v[..., None, :]
+    else:  # two passes over C in place, no C-sized temporaries (C is the state's own or a converted copy)
+        C = C.mul_(decay[..., None, None]).addcmul_(gain_k[..., :, None], v[..., None, :])
+    n = decay[..., None] * n + gain_k
     normaliser = torch.maximum((q * n).sum(-1).abs(), torch.exp(-m_new)) + eps
     return numerator / normaliser[..., None], (C, n, m_new)
 
@@ -148,7 +154,9 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6):
 def mlstm_recurrent(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, **_):
     """mLSTM over a sequence one step at a time (shapes as `mlstm_chunkwise`)."""
     B, NH, _, DK = q.shape
-    state = initial_state if initial_state is not None else mlstm_zero_state(B, NH, DK, v.shape[-1], q.device)
+    # the steps update their state in place: never the caller's
+    state = tuple(t.clone() for t in initial_state) if initial_state is not None else \
+        mlstm_zero_state(B, NH, DK, v.shape[-1], q.device)
     outputs = []
     for q_t, k_t, v_t, i_t, f_t in zip(*(x.unbind(-2) for x in (q, k, v)), *(x.unbind(-1) for x in (i, f))):
         h, state = mlstm_step(q_t, k_t, v_t, i_t, f_t, state, eps=eps)
