@@ -300,3 +300,15 @@ def test_randomise_helper_changes_every_parameter():
     b = randomise_(xLSTMForCausalLM(tiny_config()))
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert not torch.equal(pa, pb), name
+
+
+def test_passed_cache_is_advanced_consistently_even_without_use_cache(model):
+    """A cache passed with use_cache=False is still read and advanced as a whole (never half-updated)."""
+    ids = torch.randint(1, 97, (1, 9))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        out = model(ids[:, 7:8], past_key_values=cache, use_cache=False)
+        assert out.past_key_values is None and cache.get_seq_length() == 8
+        last = model(ids[:, 8:9], past_key_values=cache).logits
+    assert rel_err(torch.cat([out.logits, last], 1), full[:, 7:]) < 1e-4

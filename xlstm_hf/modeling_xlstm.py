@@ -477,7 +477,8 @@ class xLSTMModel(xLSTMPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, H); attention_mask (B, T) or (B, past + T) with 0 for
-        padding; past_key_values: an `xLSTMCache` to continue from (updated in place and returned)."""
+        padding; past_key_values: an `xLSTMCache` to continue from (always advanced in place; returned when
+        `use_cache`)."""
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
@@ -510,17 +511,19 @@ class xLSTMModel(xLSTMPreTrainedModel):
 
         hidden = self.embedding_dropout(inputs_embeds)
         all_hidden = (hidden,) if output_hidden_states else None
+        # A cache that is passed in is read and advanced (its states are handed to the cells, which may
+        # update them in place), whether or not it is also returned (use_cache).
         for j, block in enumerate(self.blocks):
             state = cache.states[j] if cache is not None else None
-            hidden, new_state = block(hidden, state, mask, use_cache and cache is not None)
-            if use_cache and cache is not None:
+            hidden, new_state = block(hidden, state, mask, cache is not None)
+            if cache is not None:
                 cache.states[j] = new_state
             if output_hidden_states:
                 all_hidden += (hidden,)
         hidden = self.final_norm(hidden)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
-        if use_cache and cache is not None:
+        if cache is not None:
             cache.seen_tokens += T
         out_cache = cache if use_cache else None
         if not return_dict:
