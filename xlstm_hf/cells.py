@@ -98,11 +98,12 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
     # split() rather than slicing in the loop: its backward is one concatenation, not a zero-filled
     # full-size gradient per chunk
     chunks = zip(*(t.split(chunk_size, dim=-2) for t in (q, k, v)), *(t.split(chunk_size, dim=-1) for t in (i, log_f)))
+    L_max = min(chunk_size, q.shape[-2])
+    above_diagonal = torch.ones(L_max, L_max, dtype=torch.bool, device=q.device).triu(1)  # built once, not per chunk
     for qc, kc, vc, ic, log_fc in chunks:
         b = log_fc.cumsum(-1)  # (B, NH, L)
         L = b.shape[-1]
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(~causal, float("-inf"))
+        log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(above_diagonal[:L, :L], float("-inf"))
         log_carry = b + m[..., None]  # weight of the carried state at each position
         stab = torch.maximum(log_d.amax(-1), log_carry).detach()  # = m_t of the recurrent form
         stab0 = _finite(stab)
