@@ -1,9 +1,13 @@
-"""Configuration of the paper's xLSTM language model (Beck et al. 2024, arXiv 2405.04517).
+"""Configuration of the xLSTM language model (Beck et al. 2024, arXiv 2405.04517).
 
-One config describes a residual stack of mLSTM and sLSTM blocks, written xLSTM[a:b] in the paper
-(a mLSTM blocks for every b sLSTM blocks). The hyperparameters and their defaults follow the official
-`xlstm` package (2.0.6) so that its checkpoints convert one to one; the defaults describe the 125M-class
-xLSTM[7:1] model of the paper (768 wide, 24 blocks).
+One config describes a residual stack of xLSTM blocks in one of two designs (`block_design`):
+- `"paper"`: the paper's mLSTM and sLSTM blocks, written xLSTM[a:b] (a mLSTM blocks for every b sLSTM
+  blocks). Hyperparameters and defaults follow the official `xlstm` package (2.0.6) so that its
+  checkpoints convert one to one; the defaults describe the 125M-class xLSTM[7:1] (768 wide, 24 blocks).
+- `"large"`: the later mLSTM-only block of NX-AI's xLSTM-7B (`xlstm.xlstm_large`, transformers'
+  model_type `xlstm`): pre-RMSNorm residual blocks, q/k at `qk_dim_factor` of the width, soft-capped
+  gates, a sigmoid output gate and a SwiGLU feed-forward. `xLSTMConfig.from_preset("xlstm-7b")` gives
+  NX-AI/xLSTM-7b's hyperparameters.
 """
 
 import math
@@ -17,6 +21,7 @@ FFN_ACTIVATIONS = ("gelu", "relu", "relu^2", "sigmoid", "swish", "selu")
 SLSTM_BIAS_INITS = ("powerlaw_blockdependent", "small_init", "standard", "zeros")
 SLSTM_RECURRENT_INITS = ("zeros", "standard")
 MLSTM_MODES = ("chunkwise", "parallel")
+BLOCK_DESIGNS = ("paper", "large")
 #: kernel backends (see backends.py): "auto" = Triton for CUDA tensors when available, else PyTorch
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
@@ -44,39 +49,63 @@ def slstm_positions_from_ratio(ratio: str, num_blocks: int) -> list[int]:
     return sorted({int((k + 0.5) * num_blocks / count) for k in range(count)}) if count else []
 
 
+#: named configurations: `xLSTMConfig.from_preset(name, **overrides)`
+PRESETS = {
+    # the paper's 125M-class xLSTM[7:1] (the defaults)
+    "xlstm-125m": {},
+    # NX-AI/xLSTM-7b (config.json of the Hub checkpoint; GPT-NeoX tokenizer ids)
+    "xlstm-7b": dict(
+        block_design="large", vocab_size=50304, hidden_size=4096, num_blocks=32, slstm_at=[], mlstm_num_heads=8,
+        qk_dim_factor=0.5, v_dim_factor=1.0, ffn_proj_factor=2.667, ffn_round_up_to=64, ffn_act_fn="swish",
+        gate_soft_cap=15.0, logits_soft_cap=30.0, norm_eps=1e-6, mlstm_eps=1e-6, use_bias=False,
+        add_post_blocks_norm=True, tie_word_embeddings=False, chunk_size=64,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ),
+}
+
+
 @strict
 class xLSTMConfig(PreTrainedConfig):
     r"""
-    Configuration of [`xLSTMModel`] / [`xLSTMForCausalLM`] (the paper's sLSTM + mLSTM design).
+    Configuration of [`xLSTMModel`] / [`xLSTMForCausalLM`].
 
     Args:
+        block_design: `"paper"` (mLSTM and sLSTM blocks of the paper) or `"large"` (the mLSTM-only block of
+            xLSTM-7B); see the module docstring. Fields marked (paper) or (large) apply to that design only.
         vocab_size: vocabulary size; 50304 is GPT-2's 50257 padded to a multiple of 64, as in the paper.
         hidden_size: residual stream width (the official `embedding_dim`).
         num_blocks: number of residual blocks (also readable as `num_hidden_layers`).
-        slstm_at: which blocks are sLSTM blocks, the rest being mLSTM blocks. A list of block indices,
-            `"all"`, `[]` (mLSTM only), or the paper's ratio `"a:b"` (e.g. `"7:1"`), which is resolved to
-            indices at construction (see `slstm_positions_from_ratio`).
+        slstm_at: (paper) which blocks are sLSTM blocks, the rest being mLSTM blocks. A list of block
+            indices, `"all"`, `[]` (mLSTM only), or the paper's ratio `"a:b"`, which is resolved to indices at
+            construction (see `slstm_positions_from_ratio`). Default: `"7:1"` for the paper design, `[]`
+            for the large design (which has no sLSTM block).
         mlstm_num_heads: heads of the mLSTM cell.
-        mlstm_proj_factor: the mLSTM block's up-projection factor (inner width = factor * hidden_size rounded
-            up to a multiple of `mlstm_round_up_to`).
-        mlstm_round_up_to: rounding multiple of the mLSTM inner width.
-        mlstm_conv_kernel_size: causal depthwise conv kernel of the mLSTM block (0 = no conv).
-        mlstm_qkv_proj_blocksize: block size of the block-diagonal q/k/v projections.
+        mlstm_proj_factor: (paper) the mLSTM block's up-projection factor (inner width = factor *
+            hidden_size rounded up to a multiple of `mlstm_round_up_to`).
+        mlstm_round_up_to: rounding multiple of the mLSTM widths (paper: inner width; large: q/k and v widths).
+        mlstm_conv_kernel_size: (paper) causal depthwise conv kernel of the mLSTM block (0 = no conv).
+        mlstm_qkv_proj_blocksize: (paper) block size of the block-diagonal q/k/v projections.
+        qk_dim_factor: (large) width of q and k as a fraction of hidden_size (rounded up to a multiple of
+            `mlstm_round_up_to`).
+        v_dim_factor: (large) width of v and of the output gate as a fraction of hidden_size (rounded alike).
+        gate_soft_cap: (large) soft cap `c * tanh(x / c)` of the input/forget gate pre-activations; None = off.
+        logits_soft_cap: soft cap of the output logits; None = off (xLSTM-7B: 30).
         slstm_num_heads: heads of the sLSTM cell (head-wise recurrent matrices).
         slstm_conv_kernel_size: causal conv kernel feeding the sLSTM input/forget gates (0 = no conv).
         slstm_bias_init: forget-gate bias init of the sLSTM (`"powerlaw_blockdependent"` is the paper's).
         slstm_recurrent_init: init of the sLSTM recurrent matrices (`"zeros"` as in the official package).
-        ffn_proj_factor: up-projection factor of the gated feed-forward after each sLSTM cell.
+        ffn_proj_factor: up-projection factor of the gated feed-forward (paper: after each sLSTM cell;
+            large: in every block, SwiGLU with `ffn_act_fn="swish"`).
         ffn_round_up_to: rounding multiple of the feed-forward width.
         ffn_act_fn: activation of the gated feed-forward.
         use_bias: biases in the mLSTM block's projections (official top-level `bias`).
         ffn_use_bias: biases in the sLSTM block's gated feed-forward (official `feedforward.bias`, which
             the official package does not take from the top-level `bias`).
-        add_post_blocks_norm: LayerNorm after the last block.
+        add_post_blocks_norm: norm after the last block (LayerNorm; RMSNorm in the large design).
         tie_word_embeddings: share the input embedding with the LM head (official `tie_weights`).
         dropout: dropout after each block's down-projection (and in the sLSTM cell output).
         add_embedding_dropout: also apply `dropout` to the token embeddings.
-        norm_eps: epsilon of every LayerNorm / group norm.
+        norm_eps: epsilon of every LayerNorm / RMSNorm / group norm.
         mlstm_eps: epsilon added to the mLSTM normaliser max(|q.n|, exp(-m)).
         chunk_size: chunk length of the chunkwise mLSTM (training and prefill).
         mlstm_mode: `"chunkwise"` (linear memory, default) or `"parallel"` (quadratic; the paper's parallel
@@ -89,15 +118,20 @@ class xLSTMConfig(PreTrainedConfig):
     model_type = "xlstm_paper"
     attribute_map = {"num_hidden_layers": "num_blocks", "embedding_dim": "hidden_size"}
 
+    block_design: str = "paper"
     vocab_size: int = 50304
     hidden_size: int = 768
     num_blocks: int = 24
-    slstm_at: list[int] | str = "7:1"
+    slstm_at: list[int] | str | None = None
     mlstm_num_heads: int = 4
     mlstm_proj_factor: float | int = 2.0
     mlstm_round_up_to: int = 64
     mlstm_conv_kernel_size: int = 4
     mlstm_qkv_proj_blocksize: int = 4
+    qk_dim_factor: float | int = 0.5
+    v_dim_factor: float | int = 1.0
+    gate_soft_cap: float | int | None = None
+    logits_soft_cap: float | int | None = None
     slstm_num_heads: int = 4
     slstm_conv_kernel_size: int = 4
     slstm_bias_init: str = "powerlaw_blockdependent"
@@ -122,12 +156,18 @@ class xLSTMConfig(PreTrainedConfig):
     pad_token_id: int | None = 50256
 
     def __post_init__(self, **kwargs):
-        for name in ("mlstm_proj_factor", "ffn_proj_factor", "dropout", "norm_eps", "mlstm_eps"):
-            setattr(self, name, float(getattr(self, name)))  # YAML and JSON may write 2.0 as 2
+        if self.block_design not in BLOCK_DESIGNS:
+            raise ValueError(f"block_design must be one of {BLOCK_DESIGNS}, got {self.block_design!r}")
+        for name in ("mlstm_proj_factor", "ffn_proj_factor", "dropout", "norm_eps", "mlstm_eps", "qk_dim_factor",
+                     "v_dim_factor", "gate_soft_cap", "logits_soft_cap"):
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))  # YAML and JSON may write 2.0 as 2
         for name in ("vocab_size", "hidden_size", "num_blocks", "mlstm_num_heads", "slstm_num_heads",
                      "mlstm_round_up_to", "ffn_round_up_to", "mlstm_qkv_proj_blocksize", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.slstm_at is None:
+            self.slstm_at = "7:1" if self.block_design == "paper" else []
         if isinstance(self.slstm_at, str):
             if self.slstm_at == "all":
                 self.slstm_at = list(range(self.num_blocks))
@@ -139,11 +179,16 @@ class xLSTMConfig(PreTrainedConfig):
         for name in ("mlstm_conv_kernel_size", "slstm_conv_kernel_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = no convolution), got {getattr(self, name)}")
-        for name in ("mlstm_proj_factor", "ffn_proj_factor"):
+        if self.block_design == "large" and self.slstm_at:
+            raise ValueError(f"slstm_at must be empty for block_design='large' (mLSTM blocks only), got {self.slstm_at}")
+        for name in ("mlstm_proj_factor", "ffn_proj_factor", "qk_dim_factor", "v_dim_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("gate_soft_cap", "logits_soft_cap"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 or None (no cap), got {getattr(self, name)}")
         for name in ("norm_eps", "mlstm_eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -152,7 +197,11 @@ class xLSTMConfig(PreTrainedConfig):
                               ("kernel_backend", KERNEL_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.num_mlstm_blocks:
+        if self.block_design == "large":
+            for name, width in (("q/k", self.mlstm_qk_dim), ("v", self.mlstm_v_dim)):
+                if width % self.mlstm_num_heads:
+                    raise ValueError(f"mlstm_num_heads ({self.mlstm_num_heads}) must divide the mLSTM {name} width {width}")
+        elif self.num_mlstm_blocks:
             inner = self.mlstm_inner_dim
             if inner % self.mlstm_num_heads:
                 raise ValueError(f"mlstm_num_heads ({self.mlstm_num_heads}) must divide the mLSTM inner width {inner}")
@@ -167,6 +216,13 @@ class xLSTMConfig(PreTrainedConfig):
                 raise ValueError("slstm_bias_init='powerlaw_blockdependent' needs an sLSTM head size of at least 2")
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "xLSTMConfig":
+        """A named configuration (see `PRESETS`), e.g. `from_preset("xlstm-7b")`, with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
     @property
     def block_types(self) -> list[str]:
         """`"s"` or `"m"` for every block, in order."""
@@ -178,7 +234,10 @@ class xLSTMConfig(PreTrainedConfig):
 
     @property
     def layout(self) -> str:
-        """The paper's notation for the block ratio, e.g. `"xLSTM[7:1]"` (reduced), `"xLSTM[1:0]"` for mLSTM only."""
+        """The paper's notation for the block ratio, e.g. `"xLSTM[7:1]"` (reduced), `"xLSTM[1:0]"` for mLSTM
+        only; `"xLSTM-large"` for the large design."""
+        if self.block_design == "large":
+            return "xLSTM-large"
         m, s = self.num_mlstm_blocks, len(self.slstm_at)
         g = math.gcd(m, s) or 1
         return f"xLSTM[{m // g}:{s // g}]"
@@ -188,8 +247,22 @@ class xLSTMConfig(PreTrainedConfig):
         return round_up_dim(self.hidden_size, self.mlstm_proj_factor, self.mlstm_round_up_to)
 
     @property
+    def mlstm_qk_dim(self) -> int:
+        """Total width of q and k over all mLSTM heads."""
+        if self.block_design == "large":
+            return round_up_dim(self.hidden_size, self.qk_dim_factor, self.mlstm_round_up_to)
+        return self.mlstm_inner_dim
+
+    @property
+    def mlstm_v_dim(self) -> int:
+        """Total width of v (and of the mLSTM cell output) over all mLSTM heads."""
+        if self.block_design == "large":
+            return round_up_dim(self.hidden_size, self.v_dim_factor, self.mlstm_round_up_to)
+        return self.mlstm_inner_dim
+
+    @property
     def ffn_dim(self) -> int:
         return round_up_dim(self.hidden_size, self.ffn_proj_factor, self.ffn_round_up_to)
 
 
-__all__ = ["xLSTMConfig"]
+__all__ = ["PRESETS", "xLSTMConfig"]

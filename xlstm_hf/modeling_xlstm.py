@@ -1,17 +1,19 @@
-"""The paper's xLSTM language model (Beck et al. 2024) as a Hugging Face model, from blocks to LM head.
+"""The xLSTM language model (Beck et al. 2024) as a Hugging Face model, from blocks to LM head.
 
 Layout (names of our parameters, which say what each one does):
 
     xLSTMForCausalLM
       backbone: xLSTMModel
         embeddings                      token embedding
-        blocks[j]: mLSTMBlock           x + mLSTMLayer(LayerNorm(x))
+        blocks[j]: mLSTMBlock           x + mLSTMLayer(LayerNorm(x))                        (paper design)
                    sLSTMBlock           x + sLSTMLayer(LayerNorm(x)); x + GatedFeedForward(LayerNorm(x))
-        final_norm                      LayerNorm after the last block (optional)
+                   mLSTMLargeBlock      x + mLSTMLargeLayer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))   (xLSTM-7B)
+        final_norm                      LayerNorm (RMSNorm in the large design) after the last block
       lm_head                           tied to `embeddings` when `config.tie_word_embeddings`
 
-The cell recurrences live in `cells.py`; this file holds the layers around them, the recurrent-state
-cache used by `generate()`, and the Hugging Face plumbing.
+The cell recurrences live in `cells.py` (one mLSTM for both designs, called through `run_mlstm_cell`);
+this file holds the layers around them, the recurrent-state cache used by `generate()`, and the Hugging
+Face plumbing.
 
 Padding: a position whose `attention_mask` is 0 is treated as absent. It enters no recurrent state (the
 mLSTM sees input gate -inf and forget gate 1 there, the sLSTM keeps its state), and it enters the causal
@@ -36,6 +38,11 @@ from .hub import xLSTMHubMixin
 # --------------------------------------------------------------------------------------------------
 # Building blocks with the official package's initialisation
 # --------------------------------------------------------------------------------------------------
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """`cap * tanh(x / cap)`: smoothly bounds x to (-cap, cap); identity for cap None (xLSTM-7B's gates, logits)."""
+    return x if cap is None else cap * torch.tanh(x / cap)
 
 
 def small_init_std(dim: int) -> float:
@@ -105,6 +112,14 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
+class RMSNorm(LayerNorm):
+    """x / sqrt(mean(x^2) + eps), reduced in float32, times the weight (plus the optional bias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
 class MultiHeadLayerNorm(LayerNorm):
     """Group norm over heads: each head's DH features are normalised on their own, then scaled per feature.
 
@@ -155,10 +170,11 @@ class CausalConv1d(nn.Module):
 
 
 class GateLinear(nn.Linear):
-    """A gate pre-activation projection: zero weight, bias initialised as the official mLSTM does it
-    (input gate normal(0, 0.1); forget gate linearly spaced in [3, 6], i.e. remember by default)."""
+    """A gate pre-activation projection: zero weight, bias initialised as the official packages do it:
+    "linspace" (forget gates, linearly spaced in [3, 6], i.e. remember by default), "normal" (the paper's
+    input gates, normal(0, 0.1)) or a number (xLSTM-7B's input gates: -10)."""
 
-    def __init__(self, in_features: int, heads: int, bias_init: str):
+    def __init__(self, in_features: int, heads: int, bias_init: str | float):
         self.bias_init = bias_init
         super().__init__(in_features, heads, bias=True)
 
@@ -166,8 +182,39 @@ class GateLinear(nn.Linear):
         init.zeros_(self.weight)
         if self.bias_init == "linspace":
             init.copy_(self.bias, torch.linspace(3.0, 6.0, self.out_features))
-        else:
+        elif self.bias_init == "normal":
             init.normal_(self.bias, std=0.1)
+        else:
+            init.constant_(self.bias, float(self.bias_init))
+
+
+def run_mlstm_cell(config: xLSTMConfig, q, k, v, i, f, state: dict, mask, output_state: bool):
+    """The mLSTM cell of both designs, through the configured kernel backend.
+
+    q, k: (B, T, NH * DK); v: (B, T, NH * DV); i, f: (B, T, NH) gate pre-activations; state: {"C", "n", "m"}
+    or empty; mask: (B, T) bool or None (a padded step is an identity update: nothing written, nothing
+    forgotten). Returns (h (B, T, NH, DV), {"C", "n", "m"} or None). Decoding (T = 1 with a state) takes
+    the step form; a whole sequence the configured form (`mlstm_mode`), chunkwise when a state is read or written.
+    """
+    B, T, _ = q.shape
+    NH = i.shape[-1]
+    if mask is not None:
+        i = i.masked_fill(~mask[..., None], float("-inf"))
+        f = f.masked_fill(~mask[..., None], float("inf"))
+    heads = lambda t: t.view(B, T, NH, -1).transpose(1, 2)  # noqa: E731 (B, NH, T, D)
+    q, k, v, i, f = heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2)
+    previous = (state["C"], state["n"], state["m"]) if "C" in state else None
+    ops = get_ops(config.kernel_backend, q.device)
+    if T == 1 and previous is not None:  # decode
+        h, cell_state = ops["mlstm_step"](q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], previous, config.mlstm_eps)
+        h = h.to(v.dtype)[:, :, None]
+    else:
+        # the parallel form has no state in or out; with a state to read or write, chunkwise is used
+        form = config.mlstm_mode if previous is None and not output_state else "chunkwise"
+        h, cell_state = ops[f"mlstm_{form}"](q, k, v, i, f, initial_state=previous, output_final_state=output_state,
+                                             eps=config.mlstm_eps, chunk_size=config.chunk_size)
+    h = h.transpose(1, 2)
+    return h, (dict(zip("Cnm", cell_state)) if output_state else None)
 
 
 class mLSTMLayer(nn.Module):
@@ -182,7 +229,6 @@ class mLSTMLayer(nn.Module):
         super().__init__()
         H, I, NH = config.hidden_size, config.mlstm_inner_dim, config.mlstm_num_heads
         self.config = config  # mlstm_mode, chunk_size and kernel_backend are read per call
-        self.num_heads, self.eps = NH, config.mlstm_eps
         small = small_init_std(H)
         self.up_proj = Linear(H, 2 * I, config.use_bias, small)
         self.conv = CausalConv1d(I, config.mlstm_conv_kernel_size) if config.mlstm_conv_kernel_size else None
@@ -207,7 +253,6 @@ class mLSTMLayer(nn.Module):
 
         Returns (y (B, T, H), new state or None).
         """
-        B, T, _ = x.shape
         state = state or {}
         x_mlstm, z = self.up_proj(x).chunk(2, dim=-1)
         conv_in = x_mlstm if mask is None else x_mlstm * mask[..., None].to(x_mlstm.dtype)
@@ -219,28 +264,10 @@ class mLSTMLayer(nn.Module):
         x_conv = F.silu(conv_out)
         q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
         qkv = torch.cat([q, k, v], dim=-1)
-        i, f = self.igate(qkv), self.fgate(qkv)  # (B, T, NH)
-        if mask is not None:  # a padded step is an identity update: nothing written, nothing forgotten
-            i = i.masked_fill(~mask[..., None], float("-inf"))
-            f = f.masked_fill(~mask[..., None], float("inf"))
-        heads = lambda t: t.view(B, T, self.num_heads, -1).transpose(1, 2)  # noqa: E731 (B, NH, T, D)
-        q, k, v, i, f = heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2)
-        previous = (state["C"], state["n"], state["m"]) if "C" in state else None
-        ops = get_ops(self.config.kernel_backend, x.device)
-        if T == 1 and previous is not None:  # decode
-            h, cell_state = ops["mlstm_step"](q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], previous, self.eps)
-            h = h.to(v.dtype)[:, :, None]
-        else:
-            # the parallel form has no state in or out; with a state to read or write, chunkwise is used
-            form = self.config.mlstm_mode if previous is None and not output_state else "chunkwise"
-            h, cell_state = ops[f"mlstm_{form}"](q, k, v, i, f, initial_state=previous, output_final_state=output_state,
-                                                 eps=self.eps, chunk_size=self.config.chunk_size)
-        h = self.out_norm(h.transpose(1, 2)) + self.learnable_skip * x_conv
+        h, cell_state = run_mlstm_cell(self.config, q, k, v, self.igate(qkv), self.fgate(qkv), state, mask, output_state)
+        h = self.out_norm(h) + self.learnable_skip * x_conv
         y = self.dropout(self.down_proj(h * F.silu(z)))
-        if not output_state:
-            return y, None
-        C, n, m = cell_state
-        return y, {"conv": window, "C": C, "n": n, "m": m}
+        return y, ({"conv": window, **cell_state} if output_state else None)
 
 
 class sLSTMLayer(nn.Module):
@@ -364,6 +391,61 @@ class sLSTMBlock(GradientCheckpointingLayer):
         return x + self.ffn(self.ffn_norm(x)), state
 
 
+class mLSTMLargeLayer(nn.Module):
+    """xLSTM-7B's mLSTM layer (the `xlstm_large` design): no up-projection and no conv. q and k are
+    projected to `qk_dim_factor`, v and the output gate to `v_dim_factor` of the width; input and forget
+    gates per head, soft-capped; the mLSTM cell; per-head layer norm; sigmoid output gate; down-projection.
+    """
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        H, NH, DQK, DV = config.hidden_size, config.mlstm_num_heads, config.mlstm_qk_dim, config.mlstm_v_dim
+        self.config = config  # mlstm_mode, chunk_size and kernel_backend are read per call
+        small = small_init_std(H)
+        self.q_proj = Linear(H, DQK, config.use_bias, small)
+        self.k_proj = Linear(H, DQK, config.use_bias, small)
+        self.v_proj = Linear(H, DV, config.use_bias, small)
+        self.ogate = Linear(H, DV, config.use_bias, small)
+        self.igate = GateLinear(H, NH, bias_init=-10.0)
+        self.fgate = GateLinear(H, NH, bias_init="linspace")
+        self.out_norm = MultiHeadLayerNorm(DV, config.norm_eps, bias=config.use_bias)
+        self.down_proj = Linear(DV, H, config.use_bias, wang_init_std(H, config.num_blocks))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, mask: torch.Tensor | None = None,
+                output_state: bool = False):
+        """x: (B, T, H); state: {"C", "n", "m"} or None; mask: (B, T) bool or None.
+
+        Returns (y (B, T, H), new state or None).
+        """
+        cap = self.config.gate_soft_cap
+        i, f = soft_cap(self.igate(x), cap), soft_cap(self.fgate(x), cap)
+        h, cell_state = run_mlstm_cell(self.config, self.q_proj(x), self.k_proj(x), self.v_proj(x), i, f,
+                                       state or {}, mask, output_state)
+        y = self.dropout(self.down_proj(torch.sigmoid(self.ogate(x)) * self.out_norm(h)))
+        return y, cell_state
+
+
+class mLSTMLargeBlock(GradientCheckpointingLayer):
+    """xLSTM-7B's block: pre-RMSNorm residual mLSTM layer, then a pre-RMSNorm residual SwiGLU feed-forward."""
+
+    def __init__(self, config: xLSTMConfig, block_idx: int):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, bias=config.use_bias)
+        self.mlstm = mLSTMLargeLayer(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps, bias=config.use_bias)
+        self.ffn = GatedFeedForward(config)
+
+    def forward(self, x, state=None, mask=None, output_state=False):
+        y, state = self.mlstm(self.norm(x), state, mask, output_state)
+        x = x + y
+        return x + self.ffn(self.ffn_norm(x)), state
+
+
+#: the block class of each (design, block type)
+BLOCKS = {("paper", "m"): mLSTMBlock, ("paper", "s"): sLSTMBlock, ("large", "m"): mLSTMLargeBlock}
+
+
 # --------------------------------------------------------------------------------------------------
 # Recurrent-state cache
 # --------------------------------------------------------------------------------------------------
@@ -373,7 +455,8 @@ class xLSTMCache:
     """The recurrent state of every block, which is all an xLSTM needs to continue a sequence.
 
     `states[j]` is None before block j has seen input, else a dict of tensors with batch first:
-    mLSTM blocks {"conv": (B, K-1, I), "C": (B, NH, DK, DV), "n": (B, NH, DK), "m": (B, NH)};
+    mLSTM blocks {"conv": (B, K-1, I), "C": (B, NH, DK, DV), "n": (B, NH, DK), "m": (B, NH)} (no "conv"
+    in the large design);
     sLSTM blocks {"conv": (B, K-1, H), "h", "c", "n", "m": (B, NH, DH)}. "conv" is None without a conv.
     Cell states are float32; memory is constant in the sequence length.
     """
@@ -429,7 +512,7 @@ class xLSTMPreTrainedModel(xLSTMHubMixin, PreTrainedModel):
     base_model_prefix = "backbone"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["mLSTMBlock", "sLSTMBlock"]
+    _no_split_modules = ["mLSTMBlock", "sLSTMBlock", "mLSTMLargeBlock"]
     _is_stateful = True
 
     @torch.no_grad()
@@ -453,9 +536,10 @@ class xLSTMModel(xLSTMPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embedding_dropout = nn.Dropout(config.dropout) if config.add_embedding_dropout else nn.Identity()
         self.blocks = nn.ModuleList(
-            [(sLSTMBlock if kind == "s" else mLSTMBlock)(config, j) for j, kind in enumerate(config.block_types)]
+            [BLOCKS[config.block_design, kind](config, j) for j, kind in enumerate(config.block_types)]
         )
-        self.final_norm = LayerNorm(config.hidden_size, config.norm_eps) if config.add_post_blocks_norm else nn.Identity()
+        norm = RMSNorm if config.block_design == "large" else LayerNorm
+        self.final_norm = norm(config.hidden_size, config.norm_eps) if config.add_post_blocks_norm else nn.Identity()
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -587,7 +671,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """Logits for every position (or the last `logits_to_keep`); with `labels`, the shifted
+        """Logits (soft-capped if `config.logits_soft_cap`) for every position (or the last `logits_to_keep`); with `labels`, the shifted
         next-token cross-entropy (labels -100 are ignored)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.backbone(
@@ -599,7 +683,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        logits = soft_cap(self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), self.config.logits_soft_cap)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
