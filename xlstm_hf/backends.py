@@ -9,18 +9,27 @@
 Every backend provides the same operations with the reference's signatures: "mlstm_chunkwise",
 "mlstm_parallel", "mlstm_step" and "slstm". A backend without its own version of an operation uses the
 reference (Triton has no quadratic parallel form: its chunkwise kernel serves).
+
+Decoding (one token with a cache) can run each block through `torch.compile` (`config.compile_decode`,
+`decode_call`): the compiled step fuses the small per-token operations, and its matrix-vector products
+(`linear`) become loops that stream the weights at memory bandwidth. The eager path is the fallback.
 """
 
 import functools
 import importlib.util
+import inspect
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .cells import mlstm_chunkwise, mlstm_parallel, mlstm_step, slstm_recurrent
 from .configuration_xlstm import KERNEL_BACKENDS
 
 ENV_VAR = "XLSTM_KERNEL_BACKEND"
+COMPILE_ENV_VAR = "XLSTM_COMPILE"
+#: compile_decode="auto" compiles the decode step of models with at least this many weights
+AUTO_COMPILE_MIN_WEIGHTS = 20_000_000
 
 TORCH_OPS = {
     "mlstm_chunkwise": mlstm_chunkwise,
@@ -80,3 +89,68 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def get_ops(name: str, device: torch.device) -> dict:
     """The operations of backend `name` for tensors on `device` (see the module docstring)."""
     return triton_ops() if resolve_backend(name, device) == "triton" else TORCH_OPS
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled decoding on CPU
+# --------------------------------------------------------------------------------------------------
+
+
+def matvec_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b for a single input row, written as a multiply-and-sum over the rows of W (in float32).
+
+    x: (..., I) holding one row; weight: (O, I); bias: (O,) or None. Returns (..., O) in x's dtype.
+    Eagerly this would materialise W * x; compiled, Inductor turns it into one loop that streams W at
+    memory bandwidth, where MKL's GEMM with a single row reaches about a third of it on CPU.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    y = (x[..., None, :].to(dtype) * weight.to(dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, except inside a compiled decode step with a single input row, where it is
+    `matvec_reference` (what the compiler turns into a bandwidth-bound loop)."""
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.device.type == "cpu":
+        return matvec_reference(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def _compiled_forward(module_class: type):
+    # one compiled function per module class: Dynamo keeps its compiled graphs per code object, so a
+    # shared wrapper (such as GradientCheckpointingLayer's forward) would chain the guards of every block type
+    return torch.compile(inspect.unwrap(module_class.forward))
+
+
+_compile_failed = False
+
+
+def compile_decode_enabled(setting, device: torch.device, num_weights: int) -> bool:
+    """Whether one-token decode steps run compiled. `setting` is `config.compile_decode`: True, False or
+    "auto" (CPU tensors and at least `AUTO_COMPILE_MIN_WEIGHTS` weights: there reading the weights is the
+    cost and the compiled step is ~2x faster, worth its one-time compile of some seconds; small models are
+    not worth the compile). The environment variable `XLSTM_COMPILE` (0 or 1) overrides it."""
+    env = os.environ.get(COMPILE_ENV_VAR)
+    if env is not None:
+        setting = env.strip().lower() not in ("0", "false", "no", "off", "")
+    if setting == "auto":
+        setting = device.type == "cpu" and num_weights >= AUTO_COMPILE_MIN_WEIGHTS
+    return bool(setting) and not _compile_failed
+
+
+def decode_call(compiled: bool, module: torch.nn.Module, *args):
+    """`module(*args)`, through `torch.compile` when `compiled`. A failure to compile (no C++ compiler,
+    an unsupported platform) warns once and falls back to eager calls for the rest of the process."""
+    global _compile_failed
+    if compiled and not _compile_failed:
+        try:
+            return _compiled_forward(type(module))(module, *args)
+        except Exception as error:  # the eager path computes the same function
+            import warnings
+
+            _compile_failed = True
+            warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); decoding runs eagerly", stacklevel=2)
+    return module(*args)

@@ -31,7 +31,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .backends import get_ops
+from .backends import compile_decode_enabled, decode_call, get_ops, linear
 from .configuration_xlstm import xLSTMConfig
 from .hub import xLSTMHubMixin
 
@@ -66,6 +66,9 @@ class Linear(nn.Linear):
         init.normal_(self.weight, std=self.init_std)
         if self.bias is not None:
             init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)  # F.linear; a streaming matrix-vector loop in compiled decoding
 
 
 class HeadwiseLinear(nn.Module):
@@ -597,9 +600,10 @@ class xLSTMModel(xLSTMPreTrainedModel):
         all_hidden = (hidden,) if output_hidden_states else None
         # A cache that is passed in is read and advanced (its states are handed to the cells, which may
         # update them in place), whether or not it is also returned (use_cache).
+        compiled = T == 1 and cache is not None and mask is None and self.decode_compiled(hidden.device)
         for j, block in enumerate(self.blocks):
             state = cache.states[j] if cache is not None else None
-            hidden, new_state = block(hidden, state, mask, cache is not None)
+            hidden, new_state = decode_call(compiled, block, hidden, state, mask, cache is not None)
             if cache is not None:
                 cache.states[j] = new_state
             if output_hidden_states:
@@ -613,6 +617,14 @@ class xLSTMModel(xLSTMPreTrainedModel):
         if not return_dict:
             return tuple(v for v in (hidden, out_cache, all_hidden) if v is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out_cache, hidden_states=all_hidden)
+
+    def decode_compiled(self, device: torch.device) -> bool:
+        """Whether a one-token step runs through torch.compile now (`config.compile_decode`; inference only)."""
+        if self.training or torch.is_grad_enabled():
+            return False
+        if getattr(self, "_num_weights", None) is None:
+            self._num_weights = sum(p.numel() for p in self.parameters())
+        return compile_decode_enabled(self.config.compile_decode, device, self._num_weights)
 
     @staticmethod
     def _padding_mask(attention_mask, batch: int, length: int, past: int) -> torch.Tensor | None:
@@ -683,7 +695,9 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
-        logits = soft_cap(self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), self.config.logits_soft_cap)
+        hidden = hidden.to(self.lm_head.weight.dtype)
+        compiled = hidden.shape[0] * hidden.shape[1] == 1 and self.backbone.decode_compiled(hidden.device)
+        logits = soft_cap(decode_call(compiled, self.lm_head, hidden).float(), self.config.logits_soft_cap)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
