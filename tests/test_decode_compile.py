@@ -1,4 +1,4 @@
-"""The compiled decode step (`config.compile_decode`, backends.decode_call) computes what the eager step does.
+"""The compiled decode step (`config.compile_inference`, backends.decode_call) computes what the eager step does.
 
 The compiled step sums the matrix-vector products in another order (a streaming loop instead of MKL's
 GEMM), so logits agree to float32 rounding, not bitwise: the tolerance 1e-5 of max |logit| is ~100 ulps,
@@ -30,10 +30,10 @@ def _decode_logits(model, ids, steps):
     pytest.param("paper", 3, marks=pytest.mark.slow), pytest.param("large", 1, marks=pytest.mark.slow),
 ])
 def test_compiled_decode_equals_eager(design, batch):
-    model = tiny_model(design=design, scale=0.1, compile_decode=False)
+    model = tiny_model(design=design, scale=0.1, compile_inference=False)
     ids = torch.randint(0, model.config.vocab_size, (batch, 14), generator=torch.Generator().manual_seed(1))
     eager = _decode_logits(model, ids, steps=5)
-    model.config.compile_decode = True
+    model.config.compile_inference = True
     with torch.no_grad():
         assert model.backbone.decode_compiled(torch.device("cpu"))
     compiled = _decode_logits(model, ids, steps=5)
@@ -41,9 +41,9 @@ def test_compiled_decode_equals_eager(design, batch):
     prompt = ids[:, :6]
     kwargs = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt))
     with torch.no_grad():
-        model.config.compile_decode = False
+        model.config.compile_inference = False
         expected = model.generate(prompt, **kwargs)
-        model.config.compile_decode = True
+        model.config.compile_inference = True
         assert torch.equal(model.generate(prompt, **kwargs), expected)
 
 
@@ -54,34 +54,50 @@ def test_matvec_reference_is_linear():
     torch.testing.assert_close(backends.matvec_reference(x, w, None), torch.nn.functional.linear(x, w))
 
 
-def test_compile_decode_setting(monkeypatch):
-    cpu = torch.device("cpu")
+def test_compile_inference_setting(monkeypatch):
+    cpu, width = torch.device("cpu"), backends.AUTO_COMPILE_MIN_WIDTH
     monkeypatch.delenv(backends.COMPILE_ENV_VAR, raising=False)
-    assert not backends.compile_decode_enabled("auto", cpu, 1_000_000)  # small models: not worth compiling
-    assert backends.compile_decode_enabled("auto", cpu, backends.AUTO_COMPILE_MIN_WEIGHTS)
-    assert not backends.compile_decode_enabled("auto", torch.device("cuda"), 10**9)
-    assert backends.compile_decode_enabled(True, cpu, 10) and not backends.compile_decode_enabled(False, cpu, 10**9)
+    assert not backends.compile_enabled("auto", cpu, width // 2)  # small models: not worth compiling
+    assert backends.compile_enabled("auto", cpu, width)
+    assert not backends.compile_enabled("auto", torch.device("cuda"), 4 * width)
+    assert backends.compile_enabled(True, cpu, 8) and not backends.compile_enabled(False, cpu, 4 * width)
     monkeypatch.setenv(backends.COMPILE_ENV_VAR, "0")
-    assert not backends.compile_decode_enabled(True, cpu, 10**9)
+    assert not backends.compile_enabled(True, cpu, 4 * width)
     monkeypatch.setenv(backends.COMPILE_ENV_VAR, "1")
-    assert backends.compile_decode_enabled(False, cpu, 10)
-    with pytest.raises(ValueError, match="compile_decode"):
-        tiny_model(compile_decode="yes")
+    assert backends.compile_enabled(False, cpu, 8)
+    with pytest.raises(ValueError, match="compile_inference"):
+        tiny_model(compile_inference="yes")
+
+
+def test_compiled_slstm_step_equals_eager():
+    """The sLSTM recurrence with its per-step update compiled (inference on CPU) equals the eager one,
+    with padding (the masked steps) and a carried state."""
+    model = tiny_model(scale=0.1, compile_inference=False)  # the paper design: has an sLSTM block
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).logits
+        model.config.compile_inference = True
+        compiled = model(ids, attention_mask=mask).logits
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
 
 
 def test_failed_compile_falls_back_to_eager(monkeypatch):
-    model = tiny_model(scale=0.1, compile_decode=False)
+    model = tiny_model(scale=0.1, compile_inference=False)
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
     eager = _decode_logits(model, ids, steps=3)
 
-    def broken_compile(module_class):
+    def broken_compile(fn):
         def compiled(*args):
             raise RuntimeError("no C++ compiler")
         return compiled
 
-    monkeypatch.setattr(backends, "_compiled_forward", broken_compile)
+    monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(backends, "_compile_failed", False)
-    model.config.compile_decode = True
+    backends._compiled_forward.cache_clear()
+    backends._compiled_torch_ops.cache_clear()
+    model.config.compile_inference = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fallback = _decode_logits(model, ids, steps=3)
@@ -89,3 +105,5 @@ def test_failed_compile_falls_back_to_eager(monkeypatch):
     assert torch.equal(fallback, eager)
     with torch.no_grad():
         assert not model.backbone.decode_compiled(torch.device("cpu"))  # off for the rest of the process
+    backends._compiled_forward.cache_clear()  # later tests compile for real
+    backends._compiled_torch_ops.cache_clear()

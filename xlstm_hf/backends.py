@@ -10,9 +10,10 @@ Every backend provides the same operations with the reference's signatures: "mls
 "mlstm_parallel", "mlstm_step" and "slstm". A backend without its own version of an operation uses the
 reference (Triton has no quadratic parallel form: its chunkwise kernel serves).
 
-Decoding (one token with a cache) can run each block through `torch.compile` (`config.compile_decode`,
-`decode_call`): the compiled step fuses the small per-token operations, and its matrix-vector products
-(`linear`) become loops that stream the weights at memory bandwidth. The eager path is the fallback.
+Inference can run its per-token work through `torch.compile` (`config.compile_inference`): each block's
+one-token decode step (`decode_call`; the compiled step fuses the small per-token operations, and its
+matrix-vector products, `linear`, become loops that stream the weights at memory bandwidth) and the
+sLSTM's per-step update inside a sequence (`get_ops(..., compiled=True)`). The eager path is the fallback.
 """
 
 import functools
@@ -23,13 +24,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .cells import mlstm_chunkwise, mlstm_parallel, mlstm_step, slstm_recurrent
+from .cells import mlstm_chunkwise, mlstm_parallel, mlstm_step, slstm_pointwise, slstm_recurrent
 from .configuration_xlstm import KERNEL_BACKENDS
 
 ENV_VAR = "XLSTM_KERNEL_BACKEND"
 COMPILE_ENV_VAR = "XLSTM_COMPILE"
-#: compile_decode="auto" compiles the decode step of models with at least this many weights
-AUTO_COMPILE_MIN_WEIGHTS = 20_000_000
+#: compile_inference="auto" compiles the per-token work of models at least this wide
+AUTO_COMPILE_MIN_WIDTH = 512
 
 TORCH_OPS = {
     "mlstm_chunkwise": mlstm_chunkwise,
@@ -37,6 +38,9 @@ TORCH_OPS = {
     "mlstm_step": mlstm_step,
     "slstm": slstm_recurrent,
 }
+
+
+_compile_failed = False  # set by the first failed compile: everything runs eagerly from then on
 
 
 @functools.cache
@@ -86,9 +90,12 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def get_ops(name: str, device: torch.device) -> dict:
-    """The operations of backend `name` for tensors on `device` (see the module docstring)."""
-    return triton_ops() if resolve_backend(name, device) == "triton" else TORCH_OPS
+def get_ops(name: str, device: torch.device, compiled: bool = False) -> dict:
+    """The operations of backend `name` for tensors on `device` (see the module docstring); `compiled`:
+    the PyTorch operations with the sLSTM's per-step update through torch.compile (inference on CPU)."""
+    if resolve_backend(name, device) == "triton":
+        return triton_ops()
+    return _compiled_torch_ops() if compiled else TORCH_OPS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,39 +125,51 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-@functools.cache
-def _compiled_forward(module_class: type):
-    # one compiled function per module class: Dynamo keeps its compiled graphs per code object, so a
-    # shared wrapper (such as GradientCheckpointingLayer's forward) would chain the guards of every block type
-    return torch.compile(inspect.unwrap(module_class.forward))
-
-
-_compile_failed = False
-
-
-def compile_decode_enabled(setting, device: torch.device, num_weights: int) -> bool:
-    """Whether one-token decode steps run compiled. `setting` is `config.compile_decode`: True, False or
-    "auto" (CPU tensors and at least `AUTO_COMPILE_MIN_WEIGHTS` weights: there reading the weights is the
-    cost and the compiled step is ~2x faster, worth its one-time compile of some seconds; small models are
-    not worth the compile). The environment variable `XLSTM_COMPILE` (0 or 1) overrides it."""
+def compile_enabled(setting, device: torch.device, hidden_size: int) -> bool:
+    """Whether inference runs its per-token work compiled. `setting` is `config.compile_inference`: True,
+    False or "auto" (CPU tensors and a model at least `AUTO_COMPILE_MIN_WIDTH` wide, where reading the
+    weights dominates a token's cost; a small model is not worth the one-time compile). The environment
+    variable `XLSTM_COMPILE` (0 or 1) overrides it; a failed compile turns it off for the process."""
     env = os.environ.get(COMPILE_ENV_VAR)
     if env is not None:
         setting = env.strip().lower() not in ("0", "false", "no", "off", "")
     if setting == "auto":
-        setting = device.type == "cpu" and num_weights >= AUTO_COMPILE_MIN_WEIGHTS
-    return bool(setting) and not _compile_failed
+        setting = device.type == "cpu" and hidden_size >= AUTO_COMPILE_MIN_WIDTH
+    return bool(setting) and not _compile_failed and not torch.compiler.is_compiling()
+
+
+def safely_compiled(fn):
+    """`torch.compile(fn)`, falling back to `fn` itself if compiling fails (no C++ compiler, an unsupported
+    platform): a warning, then eager calls for the rest of the process (`compile_enabled` turns False)."""
+    compiled = torch.compile(fn)
+
+    def call(*args):
+        global _compile_failed
+        if not _compile_failed:
+            try:
+                return compiled(*args)
+            except Exception as error:  # the eager function computes the same thing
+                import warnings
+
+                _compile_failed = True
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); running eagerly", stacklevel=2)
+        return fn(*args)
+
+    return call
+
+
+@functools.cache
+def _compiled_forward(module_class: type):
+    # one compiled function per module class: Dynamo keeps its compiled graphs per code object, so a
+    # shared wrapper (such as GradientCheckpointingLayer's forward) would chain the guards of every block type
+    return safely_compiled(inspect.unwrap(module_class.forward))
 
 
 def decode_call(compiled: bool, module: torch.nn.Module, *args):
-    """`module(*args)`, through `torch.compile` when `compiled`. A failure to compile (no C++ compiler,
-    an unsupported platform) warns once and falls back to eager calls for the rest of the process."""
-    global _compile_failed
-    if compiled and not _compile_failed:
-        try:
-            return _compiled_forward(type(module))(module, *args)
-        except Exception as error:  # the eager path computes the same function
-            import warnings
+    """`module(*args)`, through `torch.compile` when `compiled` (see `safely_compiled`)."""
+    return _compiled_forward(type(module))(module, *args) if compiled else module(*args)
 
-            _compile_failed = True
-            warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); decoding runs eagerly", stacklevel=2)
-    return module(*args)
+
+@functools.cache
+def _compiled_torch_ops() -> dict:
+    return {**TORCH_OPS, "slstm": functools.partial(slstm_recurrent, step=safely_compiled(slstm_pointwise))}

@@ -175,12 +175,28 @@ def slstm_zero_state(batch: int, heads: int, dh: int, device=None, dtype=torch.f
     return zeros, zeros.clone(), zeros.clone(), torch.full_like(zeros, float("-inf"))
 
 
-def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
+def slstm_pointwise(raw, c, n, m):
+    """One sLSTM step after the recurrent matmul: raw (..., 4, DH) gate pre-activations (i, f, z, o) and the
+    previous c, n, m (..., DH). Returns the new (h, c, n, m)."""
+    i_raw, f_raw, z_raw, o_raw = raw.unbind(-2)
+    log_f_m = m + F.logsigmoid(f_raw)
+    m_new = torch.maximum(i_raw, log_f_m).detach()
+    i_gate = torch.exp(i_raw - m_new)
+    f_gate = torch.exp(log_f_m - m_new)
+    c_new = f_gate * c + i_gate * torch.tanh(z_raw)
+    n_new = f_gate * n + i_gate
+    h_new = torch.sigmoid(o_raw) * c_new / n_new
+    return h_new, c_new, n_new, m_new
+
+
+def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None,
+                    step=slstm_pointwise):
     """sLSTM over a sequence (paper eqs. 8-17, stabilised as in the official package).
 
     x: (B, T, NH, 4, DH) input contributions to the gate pre-activations, gates ordered (i, f, z, o);
     recurrent_kernel: (NH, DH, 4, DH) maps h_{t-1} of a head (input dim) to that head's four gates;
-    bias: (NH, 4, DH); mask: optional (B, T) bool, False = padding: that step leaves the state unchanged.
+    bias: (NH, 4, DH); mask: optional (B, T) bool, False = padding: that step leaves the state unchanged;
+    step: `slstm_pointwise` or a compiled version of it.
     Returns (h (B, T, NH, DH), final state (h, c, n, m) each (B, NH, DH) or None).
 
         i~, f~, z~, o~ = x_t + R h_{t-1} + b
@@ -199,15 +215,7 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
     outputs = []
     # unbind() rather than wx[t]: indexing in the loop would give each step a full-size zero gradient
     for wx_t, keep in zip(wx.unbind(0), keeps):
-        raw = wx_t + torch.bmm(h, r).view(NH, B, G, DH)
-        i_raw, f_raw, z_raw, o_raw = raw.unbind(2)
-        log_f_m = m + F.logsigmoid(f_raw)
-        m_new = torch.maximum(i_raw, log_f_m).detach()
-        i_gate = torch.exp(i_raw - m_new)
-        f_gate = torch.exp(log_f_m - m_new)
-        c_new = f_gate * c + i_gate * torch.tanh(z_raw)
-        n_new = f_gate * n + i_gate
-        h_new = torch.sigmoid(o_raw) * c_new / n_new
+        h_new, c_new, n_new, m_new = step(wx_t + torch.bmm(h, r).view(NH, B, G, DH), c, n, m)
         if keep is not None:
             h_new, c_new, n_new, m_new = (torch.where(keep, a, b) for a, b in ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
         h, c, n, m = h_new, c_new, n_new, m_new

@@ -113,11 +113,11 @@ class xLSTMConfig(PreTrainedConfig):
         kernel_backend: `"auto"` (fused Triton kernels for CUDA tensors when Triton is installed, else the
             PyTorch reference), `"torch"` or `"triton"`; the environment variable `XLSTM_KERNEL_BACKEND`
             overrides it.
-        compile_decode: run one-token decode steps through `torch.compile` (fused per-token work and
-            matrix-vector products that stream the weights at memory bandwidth; ~2x faster on CPU). `"auto"`:
-            on CPU for models with at least 20M weights (a one-time compile of some seconds per process;
-            smaller models are not worth it); True / False force it. `XLSTM_COMPILE=0/1` overrides it. Without a
-            working compiler the eager path runs, with a warning.
+        compile_inference: run inference's per-token work through `torch.compile`: one-token decode steps
+            (fused per-token work, matrix-vector products that stream the weights at memory bandwidth) and
+            the sLSTM's per-step update. `"auto"`: on CPU for models at least 512 wide (a one-time compile
+            of some seconds per process; smaller models are not worth it); True / False force it.
+            `XLSTM_COMPILE=0/1` overrides it. Without a working compiler the eager path runs, with a warning.
     """
 
     model_type = "xlstm_paper"
@@ -155,15 +155,15 @@ class xLSTMConfig(PreTrainedConfig):
     chunk_size: int = 64
     mlstm_mode: str = "chunkwise"
     kernel_backend: str = "auto"
-    compile_decode: bool | str = "auto"
+    compile_inference: bool | str = "auto"
     use_cache: bool = True
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
     pad_token_id: int | None = 50256
 
     def __post_init__(self, **kwargs):
-        if self.compile_decode not in (True, False, "auto"):
-            raise ValueError(f"compile_decode must be True, False or 'auto', got {self.compile_decode!r}")
+        if self.compile_inference not in (True, False, "auto"):
+            raise ValueError(f"compile_inference must be True, False or 'auto', got {self.compile_inference!r}")
         if self.block_design not in BLOCK_DESIGNS:
             raise ValueError(f"block_design must be one of {BLOCK_DESIGNS}, got {self.block_design!r}")
         for name in ("mlstm_proj_factor", "ffn_proj_factor", "dropout", "norm_eps", "mlstm_eps", "qk_dim_factor",

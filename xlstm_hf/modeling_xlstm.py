@@ -31,7 +31,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .backends import compile_decode_enabled, decode_call, get_ops, linear
+from .backends import compile_enabled, decode_call, get_ops, linear
 from .configuration_xlstm import xLSTMConfig
 from .hub import xLSTMHubMixin
 
@@ -331,7 +331,9 @@ class sLSTMLayer(nn.Module):
         gates = torch.stack([self.igate(x_conv), self.fgate(x_conv), self.zgate(x), self.ogate(x)], dim=-2)
         gates = gates.view(B, T, 4, self.num_heads, self.head_dim).transpose(2, 3)  # (B, T, NH, 4, DH)
         previous = tuple(state[key] for key in "hcnm") if "h" in state else None
-        slstm = get_ops(self.config.kernel_backend, x.device)["slstm"]
+        compiled = T > 1 and not (self.training or torch.is_grad_enabled()) and compile_enabled(
+            self.config.compile_inference, x.device, self.config.hidden_size)
+        slstm = get_ops(self.config.kernel_backend, x.device, compiled)["slstm"]
         h, cell_state = slstm(gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
         y = self.group_norm(self.dropout(h))
         if not output_state:
@@ -619,12 +621,9 @@ class xLSTMModel(xLSTMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out_cache, hidden_states=all_hidden)
 
     def decode_compiled(self, device: torch.device) -> bool:
-        """Whether a one-token step runs through torch.compile now (`config.compile_decode`; inference only)."""
-        if self.training or torch.is_grad_enabled():
-            return False
-        if getattr(self, "_num_weights", None) is None:
-            self._num_weights = sum(p.numel() for p in self.parameters())
-        return compile_decode_enabled(self.config.compile_decode, device, self._num_weights)
+        """Whether a one-token step runs through torch.compile now (`config.compile_inference`; inference only)."""
+        return not (self.training or torch.is_grad_enabled()) and compile_enabled(
+            self.config.compile_inference, device, self.config.hidden_size)
 
     @staticmethod
     def _padding_mask(attention_mask, batch: int, length: int, past: int) -> torch.Tensor | None:
