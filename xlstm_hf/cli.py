@@ -3,7 +3,8 @@
     xlstm-hf demo [--minutes 3] [--output-dir xlstm-demo]
     xlstm-hf generate --model xlstm-demo --prompt "ROMEO:"
     xlstm-hf train my_texts/ --output-dir xlstm-mine [--model xlstm-demo] [--max-steps 500]
-    xlstm-hf convert path/to/official path/to/out [--dtype bfloat16]
+    xlstm-hf convert path/to/checkpoint path/to/out [--dtype bfloat16]
+    xlstm-hf convert path/to/xlstm_hf-checkpoint path/to/out --to transformers [--weight-mode fused]
 
 Expected failures (a missing folder, a bad checkpoint) print one line to stderr and exit with code 2.
 """
@@ -139,13 +140,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not src.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {args.src}")
     try:
-        from xlstm_hf.conversion.official import convert_official_checkpoint
+        from xlstm_hf.conversion import large, official
     except ImportError as error:
         raise OSError(f"checkpoint conversion is not available in this installation ({error})") from error
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = convert_official_checkpoint(src, args.out, dtype, progress=print)
-    print(f"converted {src} -> {out or args.out}; load it with AutoModelForCausalLM.from_pretrained after "
-          f"`import xlstm_hf`")
+    if args.to == "transformers":
+        out = large.export_to_transformers(src, args.out, weight_mode=args.weight_mode or "single", dtype=dtype,
+                                           max_shard_size=args.max_shard_size, progress=print)
+        print(f"exported {src} -> {out}; load it with transformers' AutoModelForCausalLM.from_pretrained "
+              f"(model_type 'xlstm')")
+        return 0
+    if args.weight_mode is not None:
+        raise ValueError("--weight-mode applies to --to transformers only")
+    fmt = large.detect_format(src, strict=False)  # None: neither config.json nor config.yaml
+    if fmt in (None, "official"):
+        try:
+            out = official.convert_official_checkpoint(src, args.out, dtype, progress=print)
+        except ValueError as error:
+            # tried as an official checkpoint for lack of a config file: say everything that was looked for
+            if fmt is None and str(error).startswith("no config.yaml"):
+                raise ValueError(large.unknown_format_message(src)) from error
+            raise
+        fmt = fmt or "official"
+    else:
+        out = large.convert_checkpoint(src, args.out, dtype, max_shard_size=args.max_shard_size, progress=print)
+    print(f"converted {src} ({fmt} checkpoint) -> {out or args.out}; load it with AutoModelForCausalLM.from_pretrained "
+          f"after `import xlstm_hf`")
     return 0
 
 
@@ -153,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xlstm-hf",
         description="xLSTM (Beck et al. 2024) as a Hugging Face Transformers model: train a demo, generate "
-                    "text, train or fine-tune on your text, convert official checkpoints.",
+                    "text, train or fine-tune on your text, convert checkpoints (official xlstm, transformers "
+                    "xLSTM / xLSTM-7B, xlstm_large) and export them back to transformers.",
     )
     from . import __version__
 
@@ -237,15 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     conv = sub.add_parser(
-        "convert", help="convert a checkpoint of the official `xlstm` package into a Hugging Face model folder",
-        description="Convert an official xlstm checkpoint folder (config.yaml + model.safetensors or one "
-                    ".pt/.pth/.bin file; sLSTM weights of the 'vanilla' or 'cuda' backend) into a folder that "
-                    "AutoModelForCausalLM.from_pretrained loads.",
+        "convert", help="convert an xLSTM checkpoint (official xlstm, transformers xLSTM, xlstm_large) into a Hugging "
+                        "Face model folder of xlstm_hf, or export one back to transformers",
+        description="Convert an xLSTM checkpoint folder into a folder that AutoModelForCausalLM.from_pretrained loads "
+                    "after `import xlstm_hf`. The format of SRC is detected: a transformers xLSTM folder (config.json "
+                    "with model_type 'xlstm', e.g. NX-AI/xLSTM-7b; safetensors, sharded or not, weight_mode single "
+                    "or fused), an NX-AI xlstm_large folder (config.yaml + model.safetensors or model_0.safetensors, "
+                    "model_1.safetensors, ...), or an official xlstm checkpoint (config.yaml + model.safetensors or "
+                    "one .pt/.pth/.bin file; sLSTM weights of the 'vanilla' or 'cuda' backend). The first two are "
+                    "converted shard by shard. With --to transformers, SRC is an xlstm_hf checkpoint of the large "
+                    "(xLSTM-7B) design, written back as a transformers xLSTM folder.",
     )
-    conv.add_argument("src", metavar="SRC", help="official checkpoint folder")
+    conv.add_argument("src", metavar="SRC", help="checkpoint folder")
     conv.add_argument("out", metavar="OUT", help="output folder")
     conv.add_argument("--dtype", choices=DTYPES, default=None,
                       help="dtype of the saved weights (default: that of the checkpoint)")
+    conv.add_argument("--to", choices=("xlstm_hf", "transformers"), default="xlstm_hf",
+                      help="xlstm_hf: convert SRC into an xlstm_hf folder; transformers: export the xlstm_hf "
+                           "checkpoint SRC as a transformers xLSTM folder (default: %(default)s)")
+    conv.add_argument("--weight-mode", choices=("single", "fused"), default=None,
+                      help="with --to transformers: separate q/k/v/gate weights, or fused ones (default: single)")
+    conv.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                      help="largest weights file written for xLSTM-7B-style checkpoints, e.g. 5GB or 500MB "
+                           "(default: %(default)s)")
     conv.set_defaults(func=cmd_convert)
     return parser
 
