@@ -24,7 +24,7 @@ import xlstm_hf
 from xlstm_hf import xLSTMConfig, xLSTMForCausalLM, xLSTMModel, load_gpt2_tokenizer
 from xlstm_hf.hub import model_card, recurrent_state_size, remote_code_problems, use_xlstm_model_card
 
-from conftest import randomise_
+from conftest import paper_only, randomise_
 
 REPO = "tester/xlstm-tiny"
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md"}
@@ -38,9 +38,17 @@ CODE_FILES = {
 PROMPT_IDS = torch.tensor([[464, 3290, 286, 1204, 318, 50256, 11, 290, 262]])
 
 
-def tiny_gpt2_model(seed: int = 0, **overrides) -> xLSTMForCausalLM:
-    kwargs = dict(vocab_size=50304, hidden_size=32, num_blocks=2, slstm_at=[1], mlstm_num_heads=2, slstm_num_heads=2,
-                  chunk_size=8, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+#: the tiny models' design-specific settings (as in conftest.py): the paper's xLSTM[1:1], xLSTM-7B's block
+DESIGN_KWARGS = {
+    "paper": dict(slstm_at=[1], slstm_num_heads=2),
+    "large": dict(block_design="large", qk_dim_factor=0.5, mlstm_round_up_to=8, gate_soft_cap=15.0,
+                  logits_soft_cap=30.0, ffn_act_fn="swish", ffn_proj_factor=2.667, ffn_round_up_to=8),
+}
+
+
+def tiny_gpt2_model(seed: int = 0, design: str = "paper", **overrides) -> xLSTMForCausalLM:
+    kwargs = dict(vocab_size=50304, hidden_size=32, num_blocks=2, mlstm_num_heads=2, chunk_size=8,
+                  bos_token_id=50256, eos_token_id=50256, pad_token_id=50256, **DESIGN_KWARGS[design])
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return randomise_(xLSTMForCausalLM(xLSTMConfig(**kwargs)), seed=seed).eval()
@@ -326,13 +334,60 @@ def test_card_describes_other_layouts_and_base_model_paths():
     assert "Use the tokenizer stored with the model; bos 0, eos 1, pad 0. The embedding has 97 rows." in body
 
 
-def test_recurrent_state_size_matches_the_cache():
-    model = tiny_gpt2_model(num_blocks=3, slstm_at=[1])
+def test_recurrent_state_size_matches_the_cache(design):
+    model = tiny_gpt2_model(design=design, num_blocks=3, **paper_only(design, slstm_at=[1]))
     with torch.no_grad():
         cache = model(PROMPT_IDS, use_cache=True).past_key_values
     tensors = [t for state in cache.states for t in state.values() if t is not None]
     assert recurrent_state_size(model) == (sum(t.numel() for t in tensors),
                                            sum(t.numel() * t.element_size() for t in tensors))
+
+
+def test_card_describes_the_large_design(hub, tmp_path):
+    """The card of an xLSTM-7B-style model: its layout, q/k/v widths, soft caps and recurrent state (C, n, m per
+    block, no conv window), no sLSTM rows, the xLSTM 7B citation; pushed, it loads back as the same model."""
+    model = tiny_gpt2_model(design="large", num_blocks=3)
+    meta, body = front_matter(str(model_card(model)))
+    assert meta["pipeline_tag"] == "text-generation" and {"xlstm", "xlstm_paper", "recurrent"} <= set(meta["tags"])
+    assert "# xLSTM-large language model\n" in body
+    assert "in the design of xLSTM 7B" in body and "https://arxiv.org/abs/2503.13427" in body
+    assert "@inproceedings{beck:25xlstm7b" in body and "@inproceedings{beck:24xlstm" in body
+    assert "| Layout | xLSTM-large: xLSTM-7B-style mLSTM blocks (no sLSTM blocks) |" in body
+    assert ("| Blocks | 3 (pre-RMSNorm residual mLSTM layer, then pre-RMSNorm residual SwiGLU feed-forward) |"
+            in body)
+    assert "| Width | 32; q/k width 16, v width 32; feed-forward 88 |" in body
+    assert "| Heads | mLSTM 2 (q/k head size 8, v head size 16) |" in body
+    assert "| Soft caps | gates 15, logits 30 (c * tanh(x / c)) |" in body
+    assert f"| Parameters | {model.num_parameters() / 1e6:.1f}M ({model.num_parameters():,}) |" in body
+    # the paper design's rows and words do not appear
+    for paper_text in ("sLSTM blocks |", "Block order", "inner width", "causal convolution", "sLSTM feed-forward"):
+        assert paper_text not in body, paper_text
+    # state per block: C (NH, DQK/NH, DV/NH), n (NH, DQK/NH), m (NH) in float32, nothing else
+    values = 3 * (2 * 8 * 16 + 2 * 8 + 2)
+    assert recurrent_state_size(model) == (values, 4 * values)
+    assert "one 8 x 16 matrix memory\nper head" in body and f"that is {values:,} values,\n3.2 KiB per sequence" in body
+
+    # the paper design's card with a logits cap shows it; without one it has no soft-cap row
+    assert "| Soft caps | logits 30 (c * tanh(x / c)) |" in str(model_card(tiny_gpt2_model(logits_soft_cap=30.0)))
+    assert "Soft caps" not in str(model_card(tiny_gpt2_model()))
+
+    # xLSTM-7B itself (built on the meta device: no memory): 6.9B parameters, 128 MiB of state per sequence
+    with torch.device("meta"):
+        big = xLSTMForCausalLM(xLSTMConfig.from_preset("xlstm-7b"))
+    _, big_body = front_matter(str(model_card(big, model_name="NX-AI/xLSTM-7b")))
+    assert "| Width | 4096; q/k width 2048, v width 4096; feed-forward 10944 |" in big_body
+    assert "| Heads | mLSTM 8 (q/k head size 256, v head size 512) |" in big_body
+    assert "| Parameters | 6.9B (" in big_body and "128.3 MiB per sequence" in big_body
+    assert recurrent_state_size(big)[0] == 32 * (8 * 256 * 512 + 8 * 256 + 8)
+
+    model.push_to_hub(REPO)
+    files = hub.commits[-1].files
+    assert files["README.md"].decode() == str(model_card(model, model_name=REPO))
+    assert json.loads(files["config.json"])["block_design"] == "large"
+    loaded = load_uploaded(files, tmp_path / "download")
+    assert loaded.config.block_design == "large" and loaded.config.logits_soft_cap == 30.0
+    with torch.no_grad():
+        assert torch.equal(loaded(PROMPT_IDS).logits, model(PROMPT_IDS).logits)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,7 +500,7 @@ REMOTE_SCRIPT = textwrap.dedent('''
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder, repo_id, expected_file, resaved = sys.argv[1:5]
+    folder, repo_id, expected_file, resaved, large_folder, large_expected_file = sys.argv[1:7]
     try:
         import xlstm_hf  # noqa: F401
         raise SystemExit("xlstm_hf is importable")
@@ -472,6 +527,14 @@ REMOTE_SCRIPT = textwrap.dedent('''
     with torch.no_grad():
         again_equal = torch.equal(again(expected["ids"]).logits, logits)
 
+    # a model of the large design (xLSTM-7B's blocks), from the same copied code
+    large_expected = torch.load(large_expected_file)
+    large = AutoModelForCausalLM.from_pretrained(large_folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        large_logits_equal = torch.equal(large(large_expected["ids"]).logits, large_expected["logits"])
+    large_greedy_equal = torch.equal(large.generate(large_expected["ids"], max_new_tokens=8, do_sample=False),
+                                     large_expected["greedy"])
+
     from transformers import xLSTMConfig as HFxLSTMConfig, xLSTMForCausalLM as HFxLSTMForCausalLM
     upstream = AutoModelForCausalLM.from_config(HFxLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                               num_heads=2))
@@ -485,6 +548,7 @@ REMOTE_SCRIPT = textwrap.dedent('''
         "text": text,
         "resaved": sorted(os.listdir(resaved)),
         "again_equal": again_equal,
+        "large": [type(large).__module__, large.config.block_design, large_logits_equal, large_greedy_equal],
         "upstream_unaffected": type(upstream) is HFxLSTMForCausalLM
                                and type(AutoConfig.for_model("xlstm")) is HFxLSTMConfig,
         "xlstm_hf_loaded": any(name.split(".")[0] == "xlstm_hf" for name in sys.modules),
@@ -493,7 +557,8 @@ REMOTE_SCRIPT = textwrap.dedent('''
 
 
 def test_trust_remote_code_without_xlstm_hf(hub, tmp_path):
-    """A child process where importing xlstm_hf fails loads a saved folder and the pushed repository."""
+    """A child process where importing xlstm_hf fails loads a saved folder and the pushed repository (and a
+    saved folder of the large design)."""
     assert CODE_TRAVELS, code_problems_message()
     model, tokenizer = tiny_gpt2_model(), load_gpt2_tokenizer()
     folder = tmp_path / "xlstm-tiny"
@@ -515,12 +580,19 @@ def test_trust_remote_code_without_xlstm_hf(hub, tmp_path):
     text = tokenizer.decode(model.generate(**tokenizer("ROMEO:", return_tensors="pt"), max_new_tokens=4,
                                            do_sample=False)[0])
     torch.save({"ids": PROMPT_IDS, "logits": logits, "greedy": greedy}, tmp_path / "expected.pt")
+    large = tiny_gpt2_model(design="large")
+    large.save_pretrained(tmp_path / "xlstm-large")
+    with torch.no_grad():
+        large_logits = large(PROMPT_IDS).logits
+    large_greedy = large.generate(PROMPT_IDS, max_new_tokens=8, do_sample=False)
+    torch.save({"ids": PROMPT_IDS, "logits": large_logits, "greedy": large_greedy}, tmp_path / "expected-large.pt")
     script = tmp_path / "remote.py"
     script.write_text(REMOTE_SCRIPT)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": ""}
-    out = subprocess.run([sys.executable, str(script), str(folder), REPO, str(tmp_path / "expected.pt"),
-                          str(tmp_path / "resaved")], cwd=tmp_path, env=env, capture_output=True, text=True,
+    args = [str(folder), REPO, str(tmp_path / "expected.pt"), str(tmp_path / "resaved"), str(tmp_path / "xlstm-large"),
+            str(tmp_path / "expected-large.pt")]
+    out = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -530,10 +602,13 @@ def test_trust_remote_code_without_xlstm_hf(hub, tmp_path):
     assert result["hub_class"].startswith("transformers_modules.tester.") and result["hub_equal"]
     assert set(result["resaved"]) == {"config.json", "generation_config.json", "model.safetensors"} | CODE_FILES
     assert result["again_equal"] and result["upstream_unaffected"] and not result["xlstm_hf_loaded"]
+    large_module, large_design, large_logits_equal, large_greedy_equal = result["large"]
+    assert large_module.startswith("transformers_modules.") and large_design == "large"
+    assert large_logits_equal and large_greedy_equal
 
 
-def test_saved_folders_load_local_classes_with_xlstm_hf_installed(tmp_path):
-    model = tiny_gpt2_model()
+def test_saved_folders_load_local_classes_with_xlstm_hf_installed(tmp_path, design):
+    model = tiny_gpt2_model(design=design)
     model.save_pretrained(tmp_path)
     for kwargs in ({}, {"trust_remote_code": True}):
         assert type(AutoConfig.from_pretrained(tmp_path, **kwargs)) is xLSTMConfig

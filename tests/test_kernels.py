@@ -149,17 +149,20 @@ def test_backend_registry(monkeypatch):
         backends.resolve_backend("triton", cpu)
 
 
-def test_model_on_triton_backend_equals_torch():
-    """A tiny mixed model: logits, loss gradients and generated tokens agree between the backends."""
+def test_model_on_triton_backend_equals_torch(design):
+    """A tiny model of each design (paper: mLSTM and sLSTM blocks; large: xLSTM-7B's blocks): logits, loss
+    gradients and generated tokens agree between the backends."""
     pytest.importorskip("xlstm_hf.kernels.mlstm_chunkwise")
-    ids = torch.randint(1, 97, (2, 11))
+    ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(0))
     results = {}
     for backend in ("torch", "triton"):
         # weights randomised at scale 0.1: at the default 0.3 the tiny model amplifies fp32 rounding
         # (1e-7 relative weight changes move its logits by ~3e-4), which would swamp the comparison
         torch.manual_seed(0)
-        model = randomise_(xLSTMForCausalLM(tiny_config(kernel_backend=backend, num_blocks=3, slstm_at=[1])),
-                           scale=0.1).eval().to(DEVICE)  # chunk_size 8: the kernel rounds it up
+        # chunk_size 8: the kernel rounds it up
+        layout = {"num_blocks": 3, "slstm_at": [1]} if design == "paper" else {"num_blocks": 2}
+        config = tiny_config(design, kernel_backend=backend, **layout)
+        model = randomise_(xLSTMForCausalLM(config), scale=0.1).eval().to(DEVICE)
         model.zero_grad()
         out = model(ids.to(DEVICE), labels=ids.to(DEVICE))
         out.loss.backward()
@@ -167,8 +170,12 @@ def test_model_on_triton_backend_equals_torch():
         tokens = model.generate(ids[:, :6].to(DEVICE), max_new_tokens=4, do_sample=False)
         results[backend] = (out.logits.detach(), grads, tokens)
     assert rel_err(results["triton"][0], results["torch"][0]) < 1e-4
+    # A gradient far smaller than the others (the input-gate biases': ~1e-3 of the largest) is a sum of
+    # cancelling terms whose fp32 rounding scales with the terms, not the sum: errors are measured against
+    # at least 1% of the largest gradient (both backends are ~1e-5 off float64 there).
+    floor = 1e-2 * max(g.abs().max() for g in results["torch"][1])
     for got, ref in zip(results["triton"][1], results["torch"][1]):
-        assert rel_err(got, ref) < 1e-4
+        assert ((got - ref).abs().max() / torch.maximum(ref.abs().max(), floor)).item() < 1e-4
     assert torch.equal(results["triton"][2], results["torch"][2])
 
 

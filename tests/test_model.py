@@ -1,5 +1,8 @@
 """The model: forms agree end to end, the cache works with generate(), padding is exact, save/load and
-registration, bad input, training.
+registration, bad input, training; config validation.
+
+Every behaviour test runs for both block designs (the `design` fixture of conftest.py, also behind the
+`model` fixture): the paper's mLSTM + sLSTM stack and xLSTM-7B's mLSTM-only "large" block.
 
 Tolerances: float64 models agree across forms to 1e-9 relative (rounding only); generated tokens must be
 identical.
@@ -7,7 +10,7 @@ identical.
 
 import pytest
 import torch
-from conftest import randomise_, tiny_config, tiny_model
+from conftest import paper_only, randomise_, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import xlstm_hf
@@ -28,8 +31,8 @@ def stepwise_logits(model, ids, mask=None):
 
 
 @pytest.mark.parametrize("T", [1, 5, 8, 13, 16, 21])
-def test_parallel_chunkwise_and_step_agree(T):
-    model = tiny_model(dtype=torch.float64)
+def test_parallel_chunkwise_and_step_agree(T, design):
+    model = tiny_model(dtype=torch.float64, design=design)
     ids = torch.randint(0, 97, (2, T))
     with torch.no_grad():
         chunk = model(ids, use_cache=False).logits
@@ -50,9 +53,9 @@ def test_prefill_then_decode_equals_full_forward_float32(model):
     assert rel_err(torch.cat(rest, 1), full[:, 17:]) < 1e-4
 
 
-def test_long_input_prefill_then_step():
+def test_long_input_prefill_then_step(design):
     """No maximum length: 4k+ tokens run, stay finite, and decoding from the prefilled state matches."""
-    model = tiny_model(num_blocks=2, slstm_at=[1], chunk_size=64)
+    model = tiny_model(design=design, num_blocks=2, chunk_size=64, **paper_only(design, slstm_at=[1]))
     ids = torch.randint(0, 97, (1, 4100))
     with torch.no_grad():
         full = model(ids).logits
@@ -62,8 +65,7 @@ def test_long_input_prefill_then_step():
     assert rel_err(steps, full[:, 4096:]) < 1e-4
 
 
-def test_cache_memory_is_constant():
-    model = tiny_model()
+def test_cache_memory_is_constant(model):
     with torch.no_grad():
         c1 = model(torch.randint(0, 97, (1, 5)), use_cache=True).past_key_values
         c2 = model(torch.randint(0, 97, (1, 50)), use_cache=True).past_key_values
@@ -98,8 +100,8 @@ def test_left_padded_batch_equals_single_prompts(model):
             assert torch.equal(out[r, width:], single[0, len(p):])
 
 
-def test_padding_leaves_state_as_if_absent():
-    model = tiny_model(dtype=torch.float64)
+def test_padding_leaves_state_as_if_absent(design):
+    model = tiny_model(dtype=torch.float64, design=design)
     p = torch.randint(1, 97, (1, 7))
     padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), p], 1)
     mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 7)], 1).long()
@@ -135,11 +137,12 @@ def test_sampling_and_num_return_sequences(model):
     assert a.shape == (6, 12) and torch.equal(a, b)
 
 
-def test_streamer_and_pipeline_with_shipped_tokenizer():
+def test_streamer_and_pipeline_with_shipped_tokenizer(design):
     from transformers import TextIteratorStreamer, pipeline
 
     tok = xlstm_hf.load_gpt2_tokenizer()
-    model = tiny_model(vocab_size=50304, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256, num_blocks=2)
+    model = tiny_model(design=design, vocab_size=50304, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
+                       num_blocks=2)
     ids = tok("Hello world", return_tensors="pt").input_ids
     streamer = TextIteratorStreamer(tok, skip_prompt=True)
     out = model.generate(ids, max_new_tokens=6, do_sample=False, streamer=streamer)
@@ -159,8 +162,8 @@ def test_save_and_load_round_trip(tmp_path, model):
     assert AutoConfig.from_pretrained(tmp_path).model_type == "xlstm_paper"
 
 
-def test_tied_embeddings_round_trip(tmp_path):
-    model = tiny_model(tie_word_embeddings=True)
+def test_tied_embeddings_round_trip(tmp_path, design):
+    model = tiny_model(design=design, tie_word_embeddings=True)
     assert model.lm_head.weight is model.backbone.embeddings.weight
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -168,7 +171,7 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
-def test_registration_leaves_transformers_xlstm_alone():
+def test_registration_leaves_transformers_xlstm_alone(design):
     from transformers import xLSTMConfig as HFxLSTMConfig
     from transformers import xLSTMForCausalLM as HFxLSTMForCausalLM
     from transformers import xLSTMModel as HFxLSTMModel
@@ -178,43 +181,113 @@ def test_registration_leaves_transformers_xlstm_alone():
     hf_cfg = HFxLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=2)
     assert type(AutoModelForCausalLM.from_config(hf_cfg)) is HFxLSTMForCausalLM
     assert type(AutoModel.from_config(hf_cfg)) is HFxLSTMModel
-    ours = tiny_config()
+    ours = tiny_config(design)
     assert type(AutoModelForCausalLM.from_config(ours)) is xLSTMForCausalLM
     assert type(AutoModel.from_config(ours)) is xLSTMModel
 
 
-def test_official_init_values():
-    """Deterministic parts of the official init: forget-gate biases, norms, skip."""
-    model = xLSTMForCausalLM(tiny_config(num_blocks=3, slstm_at=[2], slstm_num_heads=2))
+def test_official_init_values(design):
+    """Deterministic parts of the official init: gate weights and biases, norms, skip."""
+    model = xLSTMForCausalLM(tiny_config(design, num_blocks=3, **paper_only(design, slstm_at=[2], slstm_num_heads=2)))
     mlstm = model.backbone.blocks[0].mlstm
     assert torch.allclose(mlstm.fgate.bias, torch.linspace(3, 6, 2)) and not mlstm.igate.weight.any()
+    assert not mlstm.fgate.weight.any()
+    assert torch.equal(model.backbone.final_norm.weight, torch.ones(32))
+    norms = [m for name, m in model.named_modules() if name.endswith("norm")]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    if design == "large":  # xLSTM-7B: input gates closed at the start (bias -10); RMSNorm everywhere
+        assert torch.equal(mlstm.igate.bias, torch.full((2,), -10.0))
+        assert type(model.backbone.final_norm).__name__ == "RMSNorm"
+        block = model.backbone.blocks[0]
+        assert type(block.norm).__name__ == type(block.ffn_norm).__name__ == "RMSNorm"
+        return
     assert torch.equal(mlstm.learnable_skip, torch.ones_like(mlstm.learnable_skip))
     slstm = model.backbone.blocks[2].slstm
     dh = 16
     expected = -(-5.0 + 12.0 * (torch.arange(dh) / (dh - 1)) ** (0.3 + 1.3 * 1.0))
     assert torch.allclose(slstm.bias[:, 1], expected.expand(2, dh))
     assert not slstm.recurrent_kernel.any() and not slstm.bias[:, [0, 2, 3]].any()
-    assert torch.equal(model.backbone.final_norm.weight, torch.ones(32))
 
 
 @pytest.mark.parametrize(
-    "overrides, field",
+    "design, overrides, field",
     [
-        (dict(hidden_size=0), "hidden_size"),
-        (dict(slstm_at=[7]), "slstm_at"),
-        (dict(slstm_at="seven:one"), "slstm_at"),
-        (dict(mlstm_num_heads=3), "mlstm_num_heads"),
-        (dict(slstm_num_heads=5), "slstm_num_heads"),
-        (dict(ffn_act_fn="tanh"), "ffn_act_fn"),
-        (dict(dropout=1.5), "dropout"),
-        (dict(slstm_conv_kernel_size=-1), "slstm_conv_kernel_size"),
-        (dict(mlstm_mode="fast"), "mlstm_mode"),
-        (dict(chunk_size=0), "chunk_size"),
+        ("paper", dict(hidden_size=0), "hidden_size"),
+        ("paper", dict(slstm_at=[7]), "slstm_at"),
+        ("paper", dict(slstm_at="seven:one"), "slstm_at"),
+        ("paper", dict(mlstm_num_heads=3), "mlstm_num_heads"),
+        ("paper", dict(slstm_num_heads=5), "slstm_num_heads"),
+        ("paper", dict(ffn_act_fn="tanh"), "ffn_act_fn"),
+        ("paper", dict(dropout=1.5), "dropout"),
+        ("paper", dict(slstm_conv_kernel_size=-1), "slstm_conv_kernel_size"),
+        ("paper", dict(mlstm_mode="fast"), "mlstm_mode"),
+        ("paper", dict(chunk_size=0), "chunk_size"),
+        ("paper", dict(block_design="huge"), "block_design"),
+        ("large", dict(slstm_at=[1]), "slstm_at"),
+        ("large", dict(slstm_at="all"), "slstm_at"),
+        ("large", dict(gate_soft_cap=0.0), "gate_soft_cap"),
+        ("large", dict(gate_soft_cap=-15), "gate_soft_cap"),
+        ("large", dict(logits_soft_cap=0), "logits_soft_cap"),
+        ("paper", dict(logits_soft_cap=-30.0), "logits_soft_cap"),
+        ("large", dict(qk_dim_factor=0.0), "qk_dim_factor"),
+        ("large", dict(v_dim_factor=-1.0), "v_dim_factor"),
+        ("large", dict(mlstm_num_heads=3), "mlstm_num_heads"),
     ],
 )
-def test_invalid_config_names_the_field(overrides, field):
+def test_invalid_config_names_the_field(design, overrides, field):
     with pytest.raises(ValueError, match=field):
-        tiny_config(**overrides)
+        tiny_config(design, **overrides)
+
+
+def test_large_design_config():
+    """The xLSTM-7B preset, the large design's layout and widths, and its defaults."""
+    config = xLSTMConfig.from_preset("xlstm-7b")
+    expected = dict(block_design="large", vocab_size=50304, hidden_size=4096, num_blocks=32, slstm_at=[],
+                    mlstm_num_heads=8, qk_dim_factor=0.5, v_dim_factor=1.0, ffn_proj_factor=2.667, ffn_round_up_to=64,
+                    ffn_act_fn="swish", gate_soft_cap=15.0, logits_soft_cap=30.0, norm_eps=1e-6, mlstm_eps=1e-6,
+                    use_bias=False, add_post_blocks_norm=True, tie_word_embeddings=False, chunk_size=64,
+                    bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    assert {name: getattr(config, name) for name in expected} == expected
+    assert config.layout == "xLSTM-large" and config.block_types == ["m"] * 32 and config.num_mlstm_blocks == 32
+    # q/k at half the width, v at the full width: per head 256 and 512; SwiGLU 2.667 * 4096 rounded up to 64
+    assert (config.mlstm_qk_dim, config.mlstm_v_dim, config.ffn_dim) == (2048, 4096, 10944)
+    assert xLSTMConfig.from_preset("xlstm-7b", num_blocks=2).num_blocks == 2
+    with pytest.raises(ValueError, match="unknown preset"):
+        xLSTMConfig.from_preset("xlstm-70b")
+
+    tiny = tiny_config("large")
+    assert tiny.layout == "xLSTM-large" and tiny.slstm_at == [] and tiny.block_types == ["m"] * 3
+    assert (tiny.mlstm_qk_dim, tiny.mlstm_v_dim, tiny.ffn_dim) == (16, 32, 88)  # round_up_to 8
+    # the large design defaults to no sLSTM block; rounding to mlstm_round_up_to (default 64)
+    config = xLSTMConfig(block_design="large", hidden_size=96, num_blocks=2, mlstm_num_heads=2, qk_dim_factor=0.5)
+    assert config.slstm_at == [] and (config.mlstm_qk_dim, config.mlstm_v_dim) == (64, 128)
+    # the paper design's q/k/v width is the up-projected inner width
+    paper = tiny_config()
+    assert paper.mlstm_qk_dim == paper.mlstm_v_dim == paper.mlstm_inner_dim == 64
+    # a saved config keeps its design
+    assert xLSTMConfig.from_dict(tiny.to_dict()).block_design == "large"
+
+
+def test_logits_soft_cap(design):
+    """With logits_soft_cap, the logits are cap * tanh(raw / cap) of the same model without the cap, so they lie
+    in (-cap, cap); a small cap (3, where raw logits reach ~8) makes the cap matter."""
+    capped = tiny_model(design=design, dtype=torch.float64, logits_soft_cap=3.0)
+    uncapped = xLSTMForCausalLM(tiny_config(design, logits_soft_cap=None)).to(torch.float64).eval()
+    uncapped.load_state_dict(capped.state_dict())
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        logits, raw = capped(ids).logits, uncapped(ids).logits
+        step = capped(ids[:, :1], use_cache=True)
+        step = capped(ids[:, 1:2], past_key_values=step.past_key_values).logits
+    assert raw.abs().max() > 6.0  # the cap does bite
+    assert logits.abs().max() < 3.0
+    # (logits are returned in float32: the float64 model's agree to float32 rounding)
+    torch.testing.assert_close(logits, 3.0 * torch.tanh(raw / 3.0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(step, logits[:, 1:2], rtol=1e-6, atol=1e-6)  # decoding is capped too
+    # and the loss is computed on the capped logits
+    loss = capped(ids, labels=ids).loss
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_slstm_at_ratio_notation():
@@ -240,10 +313,10 @@ def test_bad_inputs_raise_clear_errors(model):
         model()
 
 
-def test_training_with_default_config_learns():
+def test_training_with_default_config_learns(design):
     """Train mode with the config defaults (use_cache=True in the config): loss falls on a fixed batch."""
     torch.manual_seed(0)
-    model = xLSTMForCausalLM(tiny_config()).train()
+    model = xLSTMForCausalLM(tiny_config(design)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 97, (4, 24))
     losses = []
@@ -260,8 +333,8 @@ def test_training_with_default_config_learns():
     assert isinstance(out.past_key_values, xLSTMCache)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
-    model = tiny_model(dtype=torch.float64).train()
+def test_gradient_checkpointing_gives_same_gradients(design):
+    model = tiny_model(dtype=torch.float64, design=design).train()
     ids = torch.randint(0, 97, (2, 12))
 
     def grads():
@@ -276,8 +349,8 @@ def test_gradient_checkpointing_gives_same_gradients():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_left_padded_training_gradients_finite():
-    model = tiny_model().train()
+def test_left_padded_training_gradients_finite(model):
+    model.train()
     ids = torch.randint(1, 97, (2, 10))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
@@ -286,8 +359,7 @@ def test_left_padded_training_gradients_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_bfloat16_model_runs_close_to_float32():
-    model = tiny_model()
+def test_bfloat16_model_runs_close_to_float32(model):
     ids = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         ref = model(ids).logits
@@ -295,9 +367,9 @@ def test_bfloat16_model_runs_close_to_float32():
     assert low.dtype == torch.float32 and rel_err(low, ref) < 0.1
 
 
-def test_randomise_helper_changes_every_parameter():
-    a = xLSTMForCausalLM(tiny_config())
-    b = randomise_(xLSTMForCausalLM(tiny_config()))
+def test_randomise_helper_changes_every_parameter(design):
+    a = xLSTMForCausalLM(tiny_config(design))
+    b = randomise_(xLSTMForCausalLM(tiny_config(design)))
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert not torch.equal(pa, pb), name
 

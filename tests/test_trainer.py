@@ -207,10 +207,10 @@ def test_train_with_bf16_autocast_on_cpu(text_file, tokenizer, tmp_path):
     assert math.isfinite(result.eval_loss_after) and result.eval_loss_after < result.eval_loss_before - 1.5
 
 
-def test_weight_decay_spares_norm_scales_biases_and_skip_weights(tmp_path):
+def test_weight_decay_spares_norm_scales_biases_and_skip_weights(tmp_path, design):
     """With weight decay, `train` decays weight matrices only. Trainer's own rule would also decay the
-    mLSTM's `learnable_skip` (initialised to 1) towards 0; the norms it already spares by name."""
-    model = tiny_model()
+    (paper) mLSTM's `learnable_skip` (initialised to 1) towards 0; the norms it already spares by name."""
+    model = tiny_model(design=design)
     trainer = MatrixDecayTrainer(model=model, args=trainer_args(tmp_path, weight_decay=0.1))
     decayed = set(trainer.get_decay_parameter_names(model))
     for name, p in model.named_parameters():
@@ -218,7 +218,10 @@ def test_weight_decay_spares_norm_scales_biases_and_skip_weights(tmp_path):
     assert "backbone.blocks.0.mlstm.out_norm.weight" not in decayed
     plain = set(Trainer(model=model, args=trainer_args(tmp_path, weight_decay=0.1)).get_decay_parameter_names(model))
     assert not any("norm" in name for name in plain)  # every norm is named so that Trainer spares it
-    assert "backbone.blocks.0.mlstm.learnable_skip" not in decayed
+    norm_types = {type(m).__name__ for name, m in model.named_modules() if name.endswith("norm")}
+    assert norm_types == {"RMSNorm" if design == "large" else "LayerNorm", "MultiHeadLayerNorm"}
+    if design == "paper":
+        assert "backbone.blocks.0.mlstm.learnable_skip" not in decayed
     trainer.create_optimizer()
     groups = {group["weight_decay"]: {id(p) for p in group["params"]} for group in trainer.optimizer.param_groups}
     assert groups[0.1] == {id(p) for p in model.parameters() if p.dim() >= 2}
@@ -279,10 +282,11 @@ class BlockNormCounter:
         self.calls += 1
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    """Forward/backward with and without activation checkpointing (float64, left-padded batch, the sLSTM
-    and mLSTM blocks): identical gradients, and the blocks really were recomputed."""
-    model = tiny_model(dtype=torch.float64).train()
+def test_gradient_checkpointing_gives_the_same_gradients(design):
+    """Forward/backward with and without activation checkpointing (float64, left-padded batch; the sLSTM
+    and mLSTM blocks, or the large design's blocks): identical gradients, and the blocks really were
+    recomputed."""
+    model = tiny_model(dtype=torch.float64, design=design).train()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 97, (3, 20), generator=gen)
     mask = torch.ones_like(ids)
@@ -401,16 +405,16 @@ def test_train_resumes_from_its_own_checkpoints(text_file, tmp_path):
     assert resumed.eval_loss_after == pytest.approx(straight.eval_loss_after, abs=1e-6)
 
 
-def test_trainer_with_the_default_config_use_cache_true(tmp_path):
+def test_trainer_with_the_default_config_use_cache_true(tmp_path, design):
     """The config default use_cache=True: training with Trainer (which turns it off) and with
     `TrainingArguments(use_cache=True)` (which leaves it on, so evaluation builds caches) trains, evaluates
     (also through `compute_metrics`, which sees the model outputs) and gives the same weights and losses.
-    transformers' own xLSTM crashes in backward here."""
+    transformers' own xLSTM crashes in backward here (its model is the large design)."""
     data = random_dataset(n=8)
-    assert tiny_config().use_cache is True
+    assert tiny_config(design).use_cache is True
 
     def run(use_cache):
-        model = tiny_model()
+        model = tiny_model(design=design)
         args = trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
                             use_cache=use_cache, eval_strategy="steps", eval_steps=3)
         trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
@@ -421,7 +425,7 @@ def test_trainer_with_the_default_config_use_cache_true(tmp_path):
         metrics = trainer.evaluate()
         return params(model), metrics, [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
-    start = params(tiny_model())
+    start = params(tiny_model(design=design))
     (off, off_metrics, off_losses), (on, on_metrics, on_losses) = run(False), run(True)
     assert max_diff(off, start) > 1e-3
     assert max_diff(off, on) == 0.0 and off_losses == on_losses
@@ -429,7 +433,7 @@ def test_trainer_with_the_default_config_use_cache_true(tmp_path):
     assert on_metrics["eval_loss"] == pytest.approx(off_metrics["eval_loss"], abs=1e-6)
 
     # and directly: a training forward that also returns the state backpropagates to the same gradients
-    model = tiny_model(dtype=torch.float64).train()
+    model = tiny_model(dtype=torch.float64, design=design).train()
     ids = torch.tensor(data["input_ids"][:2])
 
     def gradients(**kwargs):

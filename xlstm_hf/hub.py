@@ -2,8 +2,8 @@
 
 `model_card(model, ...)` renders the package's card template (``model_cards/xlstm_model_card.md``, package
 data of ``xlstm_hf.model_cards``): YAML metadata (library_name, pipeline_tag, tags, license, datasets,
-base_model) and a body with the xLSTM[a:b] layout, size, recurrent-state size, tokenizer, training details
-and how to load the model.
+base_model) and a body with the layout (the paper's xLSTM[a:b], or xLSTM-7B's mLSTM-only "large" design),
+size, recurrent-state size, tokenizer, training details and how to load the model.
 
 `xLSTMHubMixin` is a base of `xLSTMPreTrainedModel` (placed before `PreTrainedModel`). It changes three
 things:
@@ -123,6 +123,8 @@ def model_card(model, *, license="apache-2.0", datasets=None, base_model=None, t
         num_parameters = model.num_parameters()
         values, size = recurrent_state_size(model)
         m, s = config.num_mlstm_blocks, len(config.slstm_at)
+        large = _is_large(config)
+        qk_dim, v_dim = _mlstm_widths(config)
         return ModelCard.from_template(
             card_data,
             template_path=str(template_path),
@@ -134,19 +136,26 @@ def model_card(model, *, license="apache-2.0", datasets=None, base_model=None, t
             base_model_is_repo=base_model_is_repo,
             dataset_links=_dataset_links(datasets),
             layout=config.layout,
-            layout_text=_layout_text(m, s),
+            layout_text=_layout_text(config),
+            large=large,
             slstm_at=list(config.slstm_at),
             block_order=" ".join(config.block_types),
             num_blocks=config.num_blocks,
             num_mlstm=m,
             num_slstm=s,
             hidden_size=config.hidden_size,
-            mlstm_inner_dim=config.mlstm_inner_dim,
+            mlstm_inner_dim=None if large else config.mlstm_inner_dim,
+            mlstm_qk_dim=qk_dim,
+            mlstm_v_dim=v_dim,
             ffn_dim=config.ffn_dim,
+            ffn_act_fn=config.ffn_act_fn,
             mlstm_num_heads=config.mlstm_num_heads,
             slstm_num_heads=config.slstm_num_heads,
-            mlstm_head_dim=config.mlstm_inner_dim // config.mlstm_num_heads,
+            mlstm_head_dim=v_dim // config.mlstm_num_heads,  # = q/k head size in the paper design
+            mlstm_qk_head_dim=qk_dim // config.mlstm_num_heads,
             slstm_head_dim=config.hidden_size // config.slstm_num_heads,
+            gate_soft_cap=_number(getattr(config, "gate_soft_cap", None)),
+            logits_soft_cap=_number(getattr(config, "logits_soft_cap", None)),
             params=_human(num_parameters),
             params_exact=f"{num_parameters:,}",
             tied=bool(getattr(config, "tie_word_embeddings", False)),
@@ -166,18 +175,21 @@ def model_card(model, *, license="apache-2.0", datasets=None, base_model=None, t
 def recurrent_state_size(model) -> tuple[int, int]:
     """(values, bytes) of the recurrent state of one sequence: what `xLSTMCache` holds per batch row.
 
-    mLSTM block: C (NH, DK, DV), n (NH, DK), m (NH) in float32, plus the conv window (K-1, inner width);
-    sLSTM block: h, c, n, m (hidden width each) in float32, plus the conv window (K-1, hidden width).
-    The conv windows have the model's dtype."""
+    mLSTM block: C (NH, DK, DV), n (NH, DK), m (NH) in float32 (DK = DV = inner width / NH in the paper
+    design; q/k width / NH and v width / NH in the large design), plus, in the paper design, the conv
+    window (K-1, inner width); sLSTM block: h, c, n, m (hidden width each) in float32, plus the conv window
+    (K-1, hidden width). The conv windows have the model's dtype; the large design has none."""
     config = model.config
-    inner, hidden = config.mlstm_inner_dim, config.hidden_size
+    hidden, large = config.hidden_size, _is_large(config)
+    qk_dim, v_dim = _mlstm_widths(config)
     cells = windows = 0
     for kind in config.block_types:
         if kind == "m":
             heads = config.mlstm_num_heads
-            head_dim = inner // heads
-            cells += heads * head_dim * head_dim + heads * head_dim + heads
-            windows += max(config.mlstm_conv_kernel_size - 1, 0) * inner
+            dk, dv = qk_dim // heads, v_dim // heads
+            cells += heads * dk * dv + heads * dk + heads
+            if not large:
+                windows += max(config.mlstm_conv_kernel_size - 1, 0) * v_dim
         else:
             cells += 4 * hidden
             windows += max(config.slstm_conv_kernel_size - 1, 0) * hidden
@@ -632,7 +644,28 @@ def _dataset_links(datasets) -> str:
     return ", ".join(links[:-1]) + " and " + links[-1]
 
 
-def _layout_text(m: int, s: int) -> str:
+def _is_large(config) -> bool:
+    return getattr(config, "block_design", "paper") == "large"
+
+
+def _mlstm_widths(config) -> tuple[int, int]:
+    """Total (q/k, v) widths of the mLSTM cell over all heads (both the inner width in the paper design)."""
+    if _is_large(config):
+        return config.mlstm_qk_dim, config.mlstm_v_dim
+    return config.mlstm_inner_dim, config.mlstm_inner_dim
+
+
+def _number(value):
+    """A float as the card shows it: 15.0 -> 15, 2.5 -> 2.5; None stays None."""
+    if value is None:
+        return None
+    return int(value) if float(value).is_integer() else value
+
+
+def _layout_text(config) -> str:
+    if _is_large(config):
+        return "xLSTM-7B-style mLSTM blocks (no sLSTM blocks)"
+    m, s = config.num_mlstm_blocks, len(config.slstm_at)
     if s == 0:
         return "mLSTM blocks only"
     if m == 0:
