@@ -2,46 +2,18 @@
 
 Both models get the same random weights (the official model is converted to ours), fp32, batch 1, on
 CPU. Prints ms/token for each and the ratio. Usage: python benchmarks/decode_vs_official.py [--tokens N]
+
+A quick two-model check; `cpu_suite.py` measures this and much more (contexts up to 8k, batch 8, bf16,
+prefill, training, bounds), with the same model builders (`_peers.py`).
 """
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-import yaml
 
-OFFICIAL_CONFIG = {
-    "vocab_size": 50304,
-    "embedding_dim": 768,
-    "num_blocks": 24,
-    "context_length": 2048,
-    "slstm_at": [4, 12, 20],
-    "tie_weights": False,
-    "mlstm_block": {"mlstm": {"conv1d_kernel_size": 4, "qkv_proj_blocksize": 4, "num_heads": 4}},
-    "slstm_block": {
-        "slstm": {"backend": "vanilla", "num_heads": 4, "conv1d_kernel_size": 4, "bias_init": "powerlaw_blockdependent"},
-        "feedforward": {"proj_factor": 1.3, "act_fn": "gelu"},
-    },
-}
-
-
-def build_official():
-    from xlstm import (FeedForwardConfig, mLSTMBlockConfig, mLSTMLayerConfig, sLSTMBlockConfig, sLSTMLayerConfig,
-                       xLSTMLMModel, xLSTMLMModelConfig)
-
-    c = OFFICIAL_CONFIG
-    cfg = xLSTMLMModelConfig(
-        mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(**c["mlstm_block"]["mlstm"])),
-        slstm_block=sLSTMBlockConfig(slstm=sLSTMLayerConfig(**c["slstm_block"]["slstm"]),
-                                     feedforward=FeedForwardConfig(**c["slstm_block"]["feedforward"])),
-        **{k: v for k, v in c.items() if k not in ("mlstm_block", "slstm_block")},
-    )
-    model = xLSTMLMModel(cfg)
-    model.reset_parameters()
-    return model.eval()
+from _peers import build_official, official_to_ours
 
 
 def time_decode(step, prompt_len: int, tokens: int) -> float:
@@ -62,19 +34,10 @@ def main():
     parser.add_argument("--prompt", type=int, default=16)
     args = parser.parse_args()
     torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM
+    import xlstm_hf
 
-    import xlstm_hf  # noqa: F401
-    from xlstm_hf.conversion.official import convert_official_checkpoint
-
-    official = build_official()
-    with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp, "src"), Path(tmp, "out")
-        src.mkdir()
-        (src / "config.yaml").write_text(yaml.safe_dump(OFFICIAL_CONFIG))
-        torch.save(official.state_dict(), src / "model.pt")
-        convert_official_checkpoint(src, out)
-        ours = AutoModelForCausalLM.from_pretrained(out).eval()
+    official = build_official(context_length=max(2048, args.prompt + args.tokens))
+    ours = official_to_ours(official)
     ids = torch.randint(0, 50257, (1, args.prompt + args.tokens))
     print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
 

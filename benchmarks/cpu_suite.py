@@ -1,0 +1,875 @@
+"""One-command CPU benchmark suite: xlstm_hf vs the official xlstm, transformers' GPT-2 and transformers' xLSTM.
+
+    python benchmarks/cpu_suite.py                            # full run (~30-40 min on 2 cores)
+    python benchmarks/cpu_suite.py --quick --out /tmp/suite   # smoke check of the script (~3 min)
+    python benchmarks/cpu_suite.py --peers xlstm_hf,gpt2 --batches 1 --dtypes fp32 --what decode
+
+Measured side by side for every peer (model with random weights), dtype (fp32, bf16) and batch size (1, 8):
+- decode: ms per step (one new token for each sequence) at contexts 16, 2048, 8192: median over steps,
+  timed round-robin over the contexts;
+- prefill: tokens/s of one no-grad forward over a prompt of T = 512, 2048, 8192 producing the last logits;
+- training: tokens/s of forward + backward + AdamW step at T = 512, and the peak RSS of that process;
+- the machine's limits (streaming-read bandwidth, fp32/bf16 matmul GFLOP/s), from which each figure's
+  bound is derived; every figure is printed as a ratio to its bound and to xlstm_hf, with a goals table.
+
+Measurements run in subprocesses (`--worker PEER --what ... --dtype ... --batches ...`, printing one JSON
+line per measurement): one per peer and dtype for decode + prefill, one per peer, dtype and batch for
+training (so its peak RSS is its own). Memory is freed between them and a crash or an out-of-memory kill
+loses only that group. Measurements predicted to exceed the per-measurement time budget or the memory
+limit are skipped and shown as "n/a: >budget" / "n/a: memory". Methods and bound formulas:
+benchmarks/README.md.
+
+Writes OUT/cpu_suite.md (tables), OUT/cpu_suite.json (raw records and bounds), OUT/decode_vs_context.png
+and OUT/prefill_vs_length.png (OUT defaults to benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+RESULT_TAG = "@@RESULT "
+GB = 1e9
+WHATS = ("decode", "prefill", "train")
+
+
+# ==================================================================================================
+# Settings
+# ==================================================================================================
+
+
+@dataclass
+class Settings:
+    """Sizes, repetitions and limits of a run."""
+
+    contexts: tuple[int, ...] = (16, 2048, 8192)  # decode
+    prefill_lengths: tuple[int, ...] = (512, 2048, 8192)
+    train_lengths: tuple[int, ...] = (512,)
+    batches: tuple[int, ...] = (1, 8)  # default of --batches
+    decode_steps: int = 12  # timed steps per decode measurement (median reported)
+    decode_warmup: int = 2
+    max_reps: int = 3  # prefill / training repetitions (best reported), as many as fit in rep_budget_s
+    rep_budget_s: float = 20.0
+    budget_s: float = 75.0  # a measurement predicted to take longer (one repetition) is skipped
+    mem_limit_gb: float = 16.0  # a measurement with a higher estimated peak RSS is skipped
+    hard_mem_gb: float = 18.0  # a worker above this RSS is killed
+    machine_buffer_mib: int = 1024
+    goal_prefill_T: int = 2048
+    # one worker per (peer, dtype) for decode + prefill, one per (peer, dtype, batch) for training (so its
+    # peak RSS is that measurement's); --quick runs everything of a (peer, dtype) in one worker
+    worker_groups: tuple[tuple[str, ...], ...] = (("decode", "prefill"), ("train",))
+    train_worker_per_batch: bool = True
+
+
+QUICK = Settings(contexts=(16, 96), prefill_lengths=(64, 256), train_lengths=(64,), batches=(1, 2), decode_steps=4,
+                 decode_warmup=1, max_reps=1, rep_budget_s=2.0, budget_s=20.0, machine_buffer_mib=256,
+                 goal_prefill_T=256, worker_groups=(("decode", "prefill", "train"),), train_worker_per_batch=False)
+
+
+def settings_for(args) -> Settings:
+    return QUICK if args.quick else Settings()
+
+
+def sizes_for(what: str, s: Settings) -> tuple[int, ...]:
+    return {"decode": s.contexts, "prefill": s.prefill_lengths, "train": s.train_lengths}[what]
+
+
+# ==================================================================================================
+# Worker side: one process per measurement group, printing one JSON line per measurement
+# ==================================================================================================
+
+
+def emit(record: dict) -> None:
+    print(RESULT_TAG + json.dumps(record), flush=True)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def repeat_best(fn, first: float, s: Settings) -> tuple[float, int]:
+    """Best time of `fn` over as many repetitions as fit in the repetition budget (`first` already ran)."""
+    times = [first]
+    while len(times) < s.max_reps and sum(times) + first <= s.rep_budget_s:
+        times.append(timed(fn))
+    return min(times), len(times)
+
+
+def measure_machine(args, s: Settings) -> dict:
+    """Streaming-read bandwidth (best of 5 torch.sum over a fp32 buffer; also a copy) and matmul
+    GFLOP/s (best of 3 square torch.mm at 2048 and 4096, fp32 and bf16), with this run's thread count."""
+    import torch
+
+    n = s.machine_buffer_mib * 2**20 // 4
+    x = torch.ones(n)
+    x.sum()
+    read_s = min(timed(x.sum) for _ in range(5))
+    y = torch.empty_like(x)
+    copy_s = min(timed(lambda: y.copy_(x)) for _ in range(3))
+    del x, y
+    gflops = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = 0.0
+        for size in ((1024, 2048) if args.quick else (2048, 4096)):
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            torch.mm(a, b)
+            best = max(best, 2 * size**3 / min(timed(lambda: torch.mm(a, b)) for _ in range(3)) / 1e9)
+        gflops[name] = best
+    return {"kind": "machine", "read_gbs": n * 4 / read_s / GB, "copy_gbs": 2 * n * 4 / copy_s / GB,
+            "buffer_mib": s.machine_buffer_mib, "matmul_gflops": gflops}
+
+
+class Worker:
+    """Runs one measurement group: `--worker PEER --what decode,prefill,train --dtype D --batches 1,8`
+    (`--sizes` overrides the run's sizes when a single kind is measured)."""
+
+    def __init__(self, args, s: Settings):
+        import torch
+
+        from _peers import DTYPES, GPT2_VOCAB, PEERS
+
+        self.torch, self.args, self.s = torch, args, s
+        self.dtype = DTYPES[args.dtype]
+        self.whats = args.what
+        self.batches = [int(b) for b in args.batches.split(",")]
+        self.sizes = {w: ([int(t) for t in args.sizes.split(",")] if args.sizes else list(sizes_for(w, s)))
+                      for w in self.whats}
+        longest = max(max(v) for v in self.sizes.values())
+        extra = s.decode_warmup + s.decode_steps + 1
+        run_longest = max(max(sizes_for(w, s)) for w in WHATS)
+        self.peer = PEERS[args.worker](max_len=longest + extra, run_max_len=run_longest + extra)
+        torch.manual_seed(0)
+        self.ids = torch.randint(0, GPT2_VOCAB, (max(self.batches), longest + extra))
+        self.model, self.model_kind = None, None
+
+    def use_model(self, train: bool):
+        """The model for inference (in the run's dtype) or training (fp32 weights), built on first use."""
+        if self.model_kind != train:
+            self.model = None  # free the other one first
+            self.model = self.peer.build(self.torch.float32 if train else self.dtype, train=train)
+            self.model.train(train)
+            self.model_kind = train
+            self.prof = self.peer.profile(self.model)
+            emit({"kind": "profile", "peer": self.args.worker, "title": self.peer.title, "notes": self.peer.notes,
+                  **self.prof})
+        return self.model
+
+    def record(self, what: str, batch: int, size: int, **fields) -> dict:
+        return {"kind": "result", "peer": self.args.worker, "what": what, "dtype": self.args.dtype,
+                "batch": batch, "size": size, **fields}
+
+    def too_big(self, what: str, batch: int, size: int) -> str | None:
+        need = self.peer.memory_estimate(what, batch, size, self.dtype, self.prof["params_total"])
+        if need > self.s.mem_limit_gb * GB:
+            return f"n/a: memory (est. {need / GB:.0f} GB > {self.s.mem_limit_gb:.0f})"
+        return None
+
+    # ---- decode ----
+    def decode(self):
+        """Decode: prefill a batch-1 state to each context in turn (untimed) and keep a copy per context; then per
+        batch size, copy those to the batch (identical rows: a step's cost does not depend on the content) and
+        time single-token steps round-robin over the contexts, so that a drift of the machine's speed hits all
+        contexts alike. A context whose prefill is predicted to exceed twice the budget is skipped."""
+        torch, peer, s = self.torch, self.peer, self.s
+        model = self.use_model(train=False)
+        with torch.no_grad():
+            warm = peer.extend(model, peer.new_state(model), self.ids[:1, :32])  # first-call costs, untimed
+            peer.step(model, self.ids[:1, 32:33], peer.replicate(warm, 1))
+            del warm
+            masters, info = self.decode_contexts(model)
+            for B in self.batches:
+                contexts = self.decode_fit(B, list(masters))
+                results = self.decode_batch(model, {L: masters[L] for L in contexts}, B)
+                for L in masters:
+                    if L in results:
+                        emit(self.record("decode", B, L, status="ok", **results[L], **info[L]))
+                    else:
+                        emit(self.record("decode", B, L, status="skip", reason=self.too_big("decode", B, L)
+                                         or "n/a: memory (contexts together)"))
+
+    def decode_contexts(self, model):
+        """{context: batch-1 state} built by one incremental prefill, and per context its prefill time and
+        notes; contexts over budget are reported as skipped here."""
+        import copy
+
+        peer, s = self.peer, self.s
+        masters, info, master, pos, rate, skip = {}, {}, peer.new_state(model), 0, None, None
+        for L in self.sizes["decode"]:
+            if skip is None and rate is not None and (L - pos) / rate > 2 * s.budget_s:
+                skip = f"n/a: >budget (context prefill est. {(L - pos) / rate:.0f} s)"
+            if skip:
+                for B in self.batches:
+                    emit(self.record("decode", B, L, status="skip", reason=skip))
+                continue
+            t = timed(lambda: peer.extend(model, master, self.ids[:1, pos:L]))
+            if L - pos >= 256:  # short prefills say little about the rate of long ones
+                rate = (L - pos) / t
+            pos = L
+            masters[L] = copy.deepcopy(master)
+            info[L] = {"context_prefill_s": t, "notes": []}
+            if hasattr(peer, "check_state_conversion") and L <= 64:
+                diff = peer.check_state_conversion(model, self.ids[:1, :L])
+                info[L]["notes"].append(f"state conversion checked at context {L}: max |dlogits| = {diff:.1e}")
+        return masters, info
+
+    def decode_fit(self, B: int, contexts: list[int]) -> list[int]:
+        """The contexts whose batch-B states fit in memory together (dropping the longest first)."""
+        while contexts and self.too_big("decode", B, sum(contexts)):
+            contexts = contexts[:-1]
+        return contexts
+
+    def decode_batch(self, model, masters: dict, B: int) -> dict:
+        """Per context: median ms of `decode_steps` steps (after `decode_warmup`), timed round-robin."""
+        peer, s = self.peer, self.s
+        states = {L: peer.replicate(master, B) for L, master in masters.items()}
+        state_bytes = {L: peer.state_bytes(state) for L, state in states.items()}
+        times = {L: [] for L in states}
+        for k in range(s.decode_warmup + s.decode_steps):
+            for L, state in states.items():
+                token = self.ids[:1, L + k:L + k + 1].expand(B, 1).contiguous()
+                t = timed(lambda: peer.step(model, token, state))
+                if k >= s.decode_warmup:
+                    times[L].append(t)
+        del states
+        weight_bytes = self.prof["params_read_per_token"] * self.torch.finfo(self.dtype).bits // 8
+        out = {}
+        for L, ts in times.items():
+            ms = 1000 * statistics.median(ts)
+            traffic = (2 if peer.recurrent else 1) * state_bytes[L]  # recurrent: read + rewrite; KV cache: read
+            out[L] = {"value": ms, "unit": "ms/step", "min_ms": 1000 * min(ts), "steps": len(ts),
+                      "tokens_per_s": B * 1000 / ms, "state_bytes": state_bytes[L], "weight_bytes": weight_bytes,
+                      "bytes_per_step": weight_bytes + traffic}
+        return out
+
+    # ---- prefill ----
+    def prefill(self):
+        """Prefill: for each length (ascending) and batch, best time of one no-grad forward producing the last
+        logits. A measurement's time is predicted from the previous one (FLOP ratio, or (T/T')^2 for peers
+        whose cost is dominated by T x T matrices); over budget: skipped, as are longer ones."""
+        torch, peer, s = self.torch, self.peer, self.s
+        model = self.use_model(train=False)
+        with torch.no_grad():
+            peer.prefill(model, self.ids[:1, :64])  # warm-up
+            last, over = None, set()
+            for T in self.sizes["prefill"]:
+                for B in self.batches:
+                    flops = B * peer.flops_per_sequence(model, T, self.prof, all_logits=False)
+                    rec = self.record("prefill", B, T, flops_per_token=flops / (B * T))
+                    reason = self.too_big("prefill", B, T) or ("n/a: >budget" if B in over else None)
+                    if reason is None and last is not None:
+                        est = peer.predict_prefill_seconds(*last, B, T, flops)
+                        if est > s.budget_s:
+                            reason = f"n/a: >budget (est. {est:.0f} s)"
+                            over.add(B)
+                    if reason:
+                        emit({**rec, "status": "skip", "reason": reason})
+                        continue
+                    ids = self.ids[:B, :T]
+                    first = timed(lambda: peer.prefill(model, ids))
+                    best, reps = repeat_best(lambda: peer.prefill(model, ids), first, s)
+                    last = (first, B, T, flops)
+                    emit({**rec, "status": "ok", "value": B * T / best, "unit": "tok/s", "seconds": best, "reps": reps,
+                          "peak_rss": peak_rss_bytes()})
+
+    # ---- training ----
+    def train(self):
+        """Training: forward + backward + AdamW step on labels = inputs; fp32 weights, bf16 autocast for
+        bf16. A warm-up step at batch 1 (one-time costs: lazy initialisation, AdamW state), then the best of
+        up to max_reps timed steps at the batch size."""
+        torch, peer, s = self.torch, self.peer, self.s
+        model = self.use_model(train=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        use_autocast = self.dtype == torch.bfloat16
+        last = None  # (seconds, batch) of the previous measurement, for the time prediction
+
+        def step(ids):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+                loss = peer.train_loss(model, ids)
+            loss.backward()
+            opt.step()
+
+        for T in self.sizes["train"]:
+            warm = None
+            for B in self.batches:
+                flops = B * 3 * peer.flops_per_sequence(model, T, self.prof, all_logits=True)
+                rec = self.record("train", B, T, flops_per_token=flops / (B * T),
+                                  params_total=self.prof["params_total"])
+                reason = self.too_big("train", B, T)
+                if reason is None and last is not None and last[0] * B / last[1] > s.budget_s:
+                    reason = f"n/a: >budget (est. {last[0] * B / last[1]:.0f} s/step)"
+                if reason:
+                    emit({**rec, "status": "skip", "reason": reason})
+                    continue
+                if warm is None:
+                    warm = timed(lambda: step(self.ids[:1, :T]))
+                ids = self.ids[:B, :T]
+                first = timed(lambda: step(ids))
+                best, reps = repeat_best(lambda: step(ids), first, s)
+                last = (best, B)
+                emit({**rec, "status": "ok", "value": B * T / best, "unit": "tok/s", "seconds": best, "reps": reps,
+                      "warmup_s": warm, "peak_rss": peak_rss_bytes()})
+
+    def run(self):
+        for what in self.whats:
+            getattr(self, what)()
+
+
+def worker_main(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    s = settings_for(args)
+    if args.worker == "machine":
+        emit(measure_machine(args, s))
+        return
+    Worker(args, s).run()
+
+
+# ==================================================================================================
+# Parent side: the plan, the subprocesses, the progress bar
+# ==================================================================================================
+
+
+@dataclass
+class Group:
+    """One worker process: a peer, what to measure, a dtype, batch sizes; `items` are (what, batch, size)."""
+
+    peer: str
+    whats: tuple[str, ...] = ()
+    dtype: str = "fp32"
+    batches: tuple[int, ...] = (1,)
+    items: list = field(default_factory=list)
+
+    @staticmethod
+    def label(peer, dtype, what=None, B=None, T=None) -> str:
+        if what is None:
+            return f"{peer} {dtype}"
+        return f"{what} {peer} {dtype} B={B} {'ctx' if what == 'decode' else 'T'}={T}"
+
+    def name(self) -> str:
+        return "_".join([self.peer, self.dtype, *self.whats, "B" + "-".join(map(str, self.batches))])
+
+    def command(self, args) -> list[str]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", self.peer, "--threads", str(args.threads)]
+        if self.peer != "machine":
+            cmd += ["--what", ",".join(self.whats), "--dtype", self.dtype,
+                    "--batches", ",".join(map(str, self.batches))]
+        return cmd + (["--quick"] if args.quick else [])
+
+
+# rough relative cost per peer, only for the progress bar's ETA (which rescales itself as items finish)
+SPEED_GUESS = {"xlstm_hf": 1.0, "official": 2.0, "gpt2": 0.8, "hf_xlstm": 0.7}
+STARTUP_S = 8.0
+
+
+def item_cost(peer: str, dtype: str, what: str, B: int, T: int, s: Settings) -> float:
+    """A guess of an item's seconds (uncontended 2-core machine), for the ETA only."""
+    f = SPEED_GUESS.get(peer, 1.0) * (0.6 if dtype == "bf16" else 1.0)
+    if what == "decode":
+        return f * (0.03 * B * (s.decode_steps + s.decode_warmup) + T / 800)
+    if what == "prefill":
+        return min(s.budget_s + s.rep_budget_s, f * B * T / 400 * (2 if T < 4096 else 1))
+    return min(s.budget_s * 2, f * B * T / 150 * (3 if B == 1 else 2))
+
+
+def plan(args, s: Settings) -> list[Group]:
+    """The worker groups in run order: machine limits, then per peer and dtype the groups of `s.worker_groups`."""
+    groups = [Group("machine")]
+    for peer in args.peers:
+        for dtype in args.dtypes:
+            for whats in s.worker_groups:
+                whats = tuple(w for w in whats if w in args.what)
+                split = ("train",) == whats and s.train_worker_per_batch
+                for batches in ([(B,) for B in args.batches] if split else [tuple(args.batches)]):
+                    items = [(w, B, T) for w in whats for T in sizes_for(w, s) for B in batches]
+                    if items:
+                        groups.append(Group(peer, whats, dtype, batches, items))
+    return groups
+
+
+def train_prediction(group: Group, results: list[dict], s: Settings) -> str | None:
+    """Skip reason for a training group of one batch size from the same peer's result at a smaller batch
+    (time and activation memory scale with the batch), or None."""
+    if group.whats != ("train",) or len(group.batches) != 1:
+        return None
+    (B,) = group.batches
+    smaller = [r for r in results if r.get("kind") == "result" and r["status"] == "ok" and r["what"] == "train"
+               and r["peer"] == group.peer and r["dtype"] == group.dtype and r["batch"] < B]
+    if not smaller:
+        return None
+    ref = max(smaller, key=lambda r: r["batch"])
+    scale = B / ref["batch"]
+    if ref["seconds"] * scale > s.budget_s:
+        return f"n/a: >budget (est. {ref['seconds'] * scale:.0f} s/step)"
+    static = 0.6 * GB + 16 * ref["params_total"]  # interpreter + fp32 weights, grads, AdamW moments
+    est_rss = static + 1.25 * (ref["peak_rss"] - static) * scale  # +25%: GPT-2 measured 2.2 -> 2.8 MB/token
+    if est_rss > s.mem_limit_gb * GB:
+        return f"n/a: memory (est. {est_rss / GB:.0f} GB > {s.mem_limit_gb:.0f})"
+    return None
+
+
+def run_group(group: Group, args, s: Settings, results: list[dict], bar) -> None:
+    """Run one worker, stream its records into `results` and advance the bar per item; kill it when its RSS
+    passes the hard limit or it stays silent too long; record the items it never reported as n/a."""
+    import psutil
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore"}
+    log_path = Path(args.log_dir) / f"{group.name()}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(group.command(args), stdout=subprocess.PIPE, stderr=log, text=True, env=env, bufsize=1)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True).start()
+    pending = list(group.items)
+
+    def describe():
+        bar.set_description(Group.label(group.peer, group.dtype, *pending[0]) if pending else group.peer)
+
+    describe()
+    silent_limit = 3 * s.budget_s + 300
+    last, failure = time.time(), None
+    while True:
+        try:
+            line = lines.get(timeout=0.25)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            break
+        if line.startswith(RESULT_TAG):
+            last = time.time()
+            record = json.loads(line[len(RESULT_TAG):])
+            results.append(record)
+            key = (record.get("what"), record.get("batch"), record.get("size"))
+            if record.get("kind") == "result" and key in pending:
+                pending.remove(key)
+                bar.update(item_cost(group.peer, group.dtype, *key, s))
+                outcome = f"{record['value']:.1f} {record['unit']}" if record["status"] == "ok" else record["reason"]
+                bar.write(f"  {Group.label(group.peer, group.dtype, *key)}: {outcome}")
+                describe()
+            continue
+        try:
+            rss = psutil.Process(proc.pid).memory_info().rss
+        except psutil.Error:
+            rss = 0
+        if rss > s.hard_mem_gb * GB:
+            failure = f"n/a: memory (killed at {rss / GB:.0f} GB)"
+        elif time.time() - last > silent_limit:
+            failure = f"n/a: timeout (silent > {silent_limit:.0f} s)"
+        if failure:
+            proc.kill()
+            break
+    proc.wait()
+    if proc.returncode and not failure:
+        tail = [line for line in log_path.read_text().splitlines() if line.strip()][-1:] or ["?"]
+        failure = f"n/a: error ({tail[0].strip()[:160]})"
+    for key in pending:  # items the worker never reported
+        results.append({"kind": "result", "peer": group.peer, "what": key[0], "dtype": group.dtype, "batch": key[1],
+                        "size": key[2], "status": "skip", "reason": failure or "n/a: not reported"})
+        bar.update(item_cost(group.peer, group.dtype, *key, s))
+        bar.write(f"  {Group.label(group.peer, group.dtype, *key)}: {failure}")
+
+
+def run_all(args, s: Settings) -> list[dict]:
+    from tqdm import tqdm
+
+    groups = plan(args, s)
+    costs = [STARTUP_S + sum(item_cost(g.peer, g.dtype, *item, s) for item in g.items) for g in groups]
+    results: list[dict] = []
+    fmt = "{desc:<40.40} {percentage:3.0f}%|{bar:20}| {elapsed} elapsed, ETA {remaining}"
+    with tqdm(total=sum(costs), bar_format=fmt, dynamic_ncols=True) as bar:
+        for group, cost in zip(groups, costs):
+            start = bar.n
+            reason = train_prediction(group, results, s)
+            if reason:
+                for what, B, T in group.items:
+                    results.append({"kind": "result", "peer": group.peer, "what": what, "dtype": group.dtype,
+                                    "batch": B, "size": T, "status": "skip", "reason": reason})
+                    bar.write(f"  {Group.label(group.peer, group.dtype, what, B, T)}: {reason}")
+            else:
+                run_group(group, args, s, results, bar)
+            bar.update(max(0.0, start + cost - bar.n))  # the group's startup share
+    return results
+
+
+# ==================================================================================================
+# Report: bounds, ratios, goals, tables, plots
+# ==================================================================================================
+
+
+def machine_description(args) -> dict:
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    for module in ("xlstm", "mlstm_kernels"):
+        try:
+            from importlib.metadata import version
+
+            versions[module] = version(module)
+        except Exception:  # noqa: BLE001 - only informative
+            versions[module] = "not installed"
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "threads": args.threads, "versions": versions,
+            "load_average_start": os.getloadavg()}
+
+
+class Report:
+    """Turns the raw records into bounds, ratios and markdown tables."""
+
+    def __init__(self, data: dict, s: Settings):
+        self.data, self.s = data, s
+        records = data["results"]
+        self.machine = next((r for r in records if r.get("kind") == "machine"), None)
+        self.profiles = {r["peer"]: r for r in records if r.get("kind") == "profile"}
+        self.results = {(r["peer"], r["what"], r["dtype"], r["batch"], r["size"]): r
+                        for r in records if r.get("kind") == "result"}
+        self.peers = data["args"]["peers"]
+        self.dtypes = data["args"]["dtypes"]
+        self.batches = data["args"]["batches"]
+
+    # ---- numbers ----
+    def get(self, peer, what, dtype, batch, size) -> dict | None:
+        r = self.results.get((peer, what, dtype, batch, size))
+        return r if r and r["status"] == "ok" else None
+
+    def bound(self, r: dict) -> float | None:
+        """Decode: ms/step = bytes per step / read bandwidth. Prefill and training: tok/s = matmul
+        GFLOP/s of the dtype (bf16 autocast trains with bf16 matmuls) / FLOPs per token."""
+        if not self.machine or not r:
+            return None
+        if r["what"] == "decode":
+            return r["bytes_per_step"] / (self.machine["read_gbs"] * GB) * 1000 if "bytes_per_step" in r else None
+        if "flops_per_token" not in r:
+            return None
+        return self.machine["matmul_gflops"][r["dtype"]] * 1e9 / r["flops_per_token"]
+
+    def bound_ratio(self, r: dict) -> float | None:
+        """Decode: time / bound time (>= 1, lower is better). Others: throughput / bound (<= 1)."""
+        b = self.bound(r)
+        return None if not b or not r or r.get("status") != "ok" else r["value"] / b
+
+    def speedup(self, what, dtype, batch, size, peer) -> float | None:
+        """How many times faster xlstm_hf is than `peer` on this measurement."""
+        ours, theirs = self.get("xlstm_hf", what, dtype, batch, size), self.get(peer, what, dtype, batch, size)
+        if not ours or not theirs:
+            return None
+        return theirs["value"] / ours["value"] if what == "decode" else ours["value"] / theirs["value"]
+
+    # ---- formatting ----
+    def cell(self, key) -> str:
+        r = self.results.get(key)
+        if r is None:
+            return "-"
+        if r["status"] != "ok":
+            return r["reason"].split(" (")[0] if len(r["reason"]) > 40 else r["reason"]
+        ratio = self.bound_ratio(r)
+        if r["what"] == "decode":
+            text = f"{r['value']:.1f}"
+            return text + (f" ({ratio:.1f}x bd)" if ratio else "")
+        text = f"{r['value']:.0f}"
+        return text + (f" ({100 * ratio:.0f}% bd)" if ratio else "")
+
+    @staticmethod
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return out + ["| " + " | ".join(row) + " |" for row in rows]
+
+    def sizes(self, what) -> list[int]:
+        return sorted({k[4] for k in self.results if k[1] == what})
+
+    def figure_tables(self, what: str, title: str, unit: str) -> list[str]:
+        sizes = self.sizes(what)
+        if not sizes:
+            return []
+        name = "ctx" if what == "decode" else "T"
+        lines = [f"### {title}", ""]
+        rows = []
+        for dtype in self.dtypes:
+            for B in self.batches:
+                for peer in self.peers:
+                    row = [dtype, str(B), peer] + [self.cell((peer, what, dtype, B, T)) for T in sizes]
+                    if what == "train":
+                        r = self.get(peer, what, dtype, B, sizes[0])
+                        row.append(f"{r['peak_rss'] / GB:.2f}" if r else "-")
+                    rows.append(row)
+        header = ["dtype", "batch", "peer"] + [f"{name}={T} {unit}" for T in sizes]
+        lines += self.table(header + (["peak RSS GB"] if what == "train" else []), rows) + [""]
+        others = [p for p in self.peers if p != "xlstm_hf"]
+        if "xlstm_hf" in self.peers and others:
+            lines += [f"xlstm_hf speed-up over each peer ({what}; >1 = xlstm_hf faster):", ""]
+            rows = []
+            for dtype in self.dtypes:
+                for B in self.batches:
+                    for peer in others:
+                        ups = [self.speedup(what, dtype, B, T, peer) for T in sizes]
+                        rows.append([dtype, str(B), f"vs {peer}"] + [f"{u:.2f}x" if u else "-" for u in ups])
+            lines += self.table(["dtype", "batch", "peer"] + [f"{name}={T}" for T in sizes], rows) + [""]
+        return lines
+
+    # ---- goals ----
+    def goals(self) -> list[tuple[str, callable]]:
+        """(description, fn(dtype, batch) -> (passed, text) or None)."""
+        ctxs, s = self.sizes("decode"), self.s
+        T_goal = s.goal_prefill_T if s.goal_prefill_T in self.sizes("prefill") else (self.sizes("prefill") or [0])[-1]
+        T_train = (self.sizes("train") or [0])[0]
+
+        def decode_bound(dtype, B):
+            ratios = [self.bound_ratio(self.get("xlstm_hf", "decode", dtype, B, L)) for L in ctxs]
+            ratios = [r for r in ratios if r]
+            return (max(ratios) <= 1.2, f"{max(ratios):.1f}x bound") if ratios else None
+
+        def decode_flat(dtype, B):
+            base = self.get("xlstm_hf", "decode", dtype, B, ctxs[0]) if ctxs else None
+            others = [self.get("xlstm_hf", "decode", dtype, B, L) for L in ctxs[1:]]
+            if not base or not all(others) or not others:
+                return None
+            worst = max(abs(r["value"] / base["value"] - 1) for r in others)
+            return worst <= 0.05, f"{100 * worst:.0f}% max change"
+
+        def vs_official(dtype, B):
+            ups = [self.speedup("decode", dtype, B, L, "official") for L in ctxs]
+            ups = [u for u in ups if u]
+            return (min(ups) >= 2, f"{min(ups):.2f}x") if ups else None
+
+        def prefill_bound(dtype, B):
+            r = self.bound_ratio(self.get("xlstm_hf", "prefill", dtype, B, T_goal))
+            return (r >= 0.8, f"{100 * r:.0f}% of bound") if r else None
+
+        def prefill_gpt2(dtype, B):
+            u = self.speedup("prefill", dtype, B, T_goal, "gpt2")
+            return (u >= 1.5, f"{u:.2f}x") if u else None
+
+        def train_gpt2(dtype, B):
+            u = self.speedup("train", dtype, B, T_train, "gpt2")
+            return (u >= 1.5, f"{u:.2f}x") if u else None
+
+        def train_rss(dtype, B):
+            ours, theirs = (self.get(p, "train", dtype, B, T_train) for p in ("xlstm_hf", "gpt2"))
+            if not ours or not theirs:
+                return None
+            a, b = ours["peak_rss"], theirs["peak_rss"]
+            return a <= b, f"{a / GB:.1f} vs {b / GB:.1f} GB"
+
+        return [
+            ("decode <= 1.2x bandwidth bound (worst context)", decode_bound),
+            (f"decode flat over context (+-5%, {ctxs[0] if ctxs else '?'} to {ctxs[-1] if ctxs else '?'})",
+             decode_flat),
+            ("decode >= 2x faster than official step() (worst context)", vs_official),
+            (f"prefill T={T_goal} >= 0.8x matmul bound", prefill_bound),
+            (f"prefill T={T_goal} >= 1.5x GPT-2 tok/s", prefill_gpt2),
+            (f"training T={T_train} >= 1.5x GPT-2 tok/s", train_gpt2),
+            (f"training T={T_train} peak RSS <= GPT-2's", train_rss),
+        ]
+
+    def goals_table(self) -> list[str]:
+        combos = [(d, B) for d in self.dtypes for B in self.batches]
+        combos.sort(key=lambda c: (c != ("fp32", 1),))  # the judged combination first
+        header = ["goal"] + [f"{d} B={B}" + (" (judged)" if (d, B) == ("fp32", 1) else "") for d, B in combos]
+        rows = []
+        for text, fn in self.goals():
+            row = [text]
+            for d, B in combos:
+                outcome = fn(d, B)
+                row.append("n/a" if outcome is None else f"{'PASS' if outcome[0] else 'MISS'} ({outcome[1]})")
+            rows.append(row)
+        return ["## Goals (xlstm_hf)", ""] + self.table(header, rows) + [""]
+
+    # ---- the whole document ----
+    def markdown(self) -> str:
+        m, d = self.machine, self.data["machine"]
+        lines = ["# CPU benchmark suite", ""]
+        lines += [f"- CPU: {d['cpu']}, {d['logical_cores']} logical cores, torch threads: {d['threads']}",
+                  "- versions: " + ", ".join(f"{k} {v}" for k, v in d["versions"].items()),
+                  f"- run: {self.data['started']}, {self.data['duration_s'] / 60:.1f} min"
+                  + (" (--quick: tiny sizes, for checking the script only; one worker per peer and dtype, so "
+                     "peak RSS is not per measurement)" if self.data["args"]["quick"] else ""),
+                  f"- load average at start / end: {d['load_average_start'][0]:.2f} / "
+                  f"{d.get('load_average_end', [0])[0]:.2f}"
+                  " (a busy machine disturbs every figure)"]
+        if m:
+            gflops = m["matmul_gflops"]
+            lines += [f"- read bandwidth: {m['read_gbs']:.1f} GB/s (best of 5 torch.sum over a {m['buffer_mib']} MiB "
+                      f"fp32 buffer; copy: {m['copy_gbs']:.1f} GB/s read+write) -- used for the decode bounds",
+                      f"- matmul: {gflops['fp32']:.0f} GFLOP/s fp32, {gflops['bf16']:.0f} GFLOP/s bf16 (best square "
+                      "torch.mm) -- used for the prefill and training bounds"]
+        lines += ["", "## Peers", ""]
+        rows = [[p, self.profiles[p]["title"], f"{self.profiles[p]['params_total'] / 1e6:.1f}M",
+                 f"{self.profiles[p]['params_read_per_token'] / 1e6:.1f}M"] for p in self.peers if p in self.profiles]
+        lines += self.table(["peer", "model", "parameters", "read per token"], rows) + [""]
+        for p in self.peers:
+            for note in self.profiles.get(p, {}).get("notes", []):
+                lines.append(f"- {note}")
+        notes = {(r["peer"], r["what"], r["dtype"], note) for r in self.results.values() for note in r.get("notes", [])}
+        lines += [f"- {peer} {what} {dtype}: {note}" for peer, what, dtype, note in sorted(notes)]  # e.g. state check
+        lines += ["- bf16: weights cast to bfloat16 for decode and prefill; training keeps fp32 master weights and "
+                  "runs under torch.autocast('cpu', dtype=torch.bfloat16)",
+                  "- all models have random weights; prompts are random GPT-2 token ids", ""]
+        lines += self.goals_table()
+        lines += ["## Figures", "",
+                  "Cells: the measured figure, then its ratio to the bound (`bd`): decode time / bound time "
+                  "(1.0x = at the bandwidth limit), prefill and training throughput as % of the matmul bound. "
+                  "Bounds and methods: benchmarks/README.md.", ""]
+        lines += self.figure_tables("decode", "Decode: ms per step (one new token for each of the batch's sequences)",
+                                    "ms")
+        lines += self.figure_tables("prefill", "Prefill: tokens/s (one forward over the prompt, last logits)", "tok/s")
+        lines += self.figure_tables("train", "Training: tokens/s (forward + backward + AdamW)", "tok/s")
+        return "\n".join(lines) + "\n"
+
+    # ---- plots ----
+    def plot(self, what: str, path: Path, ylabel: str) -> None:
+        """One panel per (dtype, batch): the figure against the size per peer, xlstm_hf's bound dashed."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
+
+        sizes = self.sizes(what)
+        combos = [(d, B) for d in self.dtypes for B in self.batches]
+        if not sizes or not combos:
+            return
+        cols = min(2, len(combos))
+        rows = (len(combos) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+        for ax, (dtype, B) in zip(axes.flat, combos):
+            for peer in self.peers:
+                points = [(T, r["value"]) for T in sizes if (r := self.get(peer, what, dtype, B, T))]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=peer)
+                bounds = [(T, b) for T in sizes if (b := self.bound(self.get(peer, what, dtype, B, T)))]
+                if peer == "xlstm_hf" and bounds:
+                    ax.plot(*zip(*bounds), ls="--", color="gray", label="xlstm_hf bound")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(sizes, [str(T) for T in sizes])
+            ax.xaxis.set_minor_locator(plt.NullLocator())
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.set_title(f"{dtype}, batch {B}")
+            ax.set_xlabel("context (tokens)" if what == "decode" else "prompt length T (tokens)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        for ax in list(axes.flat)[len(combos):]:
+            ax.axis("off")
+        titles = {"decode": "Decode: ms per step vs context", "prefill": "Prefill: tokens/s vs prompt length"}
+        fig.suptitle(titles[what])
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def write_outputs(data: dict, s: Settings, out: Path) -> str:
+    """cpu_suite.json (the records plus every bound), cpu_suite.md and the two plots; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(data, s)
+    data["bounds"] = {"/".join(map(str, key)): report.bound(r) for key, r in report.results.items() if report.bound(r)}
+    (out / "cpu_suite.json").write_text(json.dumps(data, indent=1))
+    text = report.markdown()
+    (out / "cpu_suite.md").write_text(text)
+    report.plot("decode", out / "decode_vs_context.png", "ms per step (lower is better)")
+    report.plot("prefill", out / "prefill_vs_length.png", "tokens/s (higher is better)")
+    return text
+
+
+# ==================================================================================================
+# CLI
+# ==================================================================================================
+
+
+def parse_args(argv=None):
+    import torch
+
+    from _peers import PEERS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (checks the script, ~3 min)")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
+    p.add_argument("--what", default=",".join(WHATS), help="comma-separated subset of decode,prefill,train")
+    p.add_argument("--batches", default=None, help="batch sizes (default 1,8; with --quick 1,2)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16")
+    p.add_argument("--out", default=str(HERE / "results"), help="output folder (default benchmarks/results)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all cores)")
+    # worker mode (used by the suite itself; handy for a single measurement by hand)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--sizes", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.what = [x for x in args.what.split(",") if x]
+    if args.batches is None:
+        args.batches = ",".join(map(str, settings_for(args).batches))
+    if args.worker:
+        return args
+    args.peers = [x for x in args.peers.split(",") if x]
+    args.batches = [int(x) for x in args.batches.split(",") if x]
+    args.dtypes = [x for x in args.dtypes.split(",") if x]
+    for name, values, allowed in (("--peers", args.peers, PEERS), ("--what", args.what, WHATS),
+                                  ("--dtypes", args.dtypes, ("fp32", "bf16"))):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            p.error(f"{name}: unknown {bad}; choose from {list(allowed)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return
+    s = settings_for(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.log_dir = tempfile.mkdtemp(prefix="cpu_suite_logs_")  # workers' stderr
+    machine = machine_description(args)
+    print(f"{machine['cpu']}, {machine['logical_cores']} cores, {args.threads} threads; "
+          + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()))
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
+    results = run_all(args, s)
+    machine["load_average_end"] = os.getloadavg()
+    data = {"started": started, "duration_s": time.time() - t0, "machine": machine, "settings": asdict(s),
+            "args": {k: getattr(args, k) for k in ("quick", "peers", "what", "batches", "dtypes", "threads")},
+            "results": results}
+    text = write_outputs(data, s, out)
+    print(text)
+    print(f"wrote {out / 'cpu_suite.md'}, cpu_suite.json, decode_vs_context.png, prefill_vs_length.png "
+          f"(workers' stderr: {args.log_dir})")
+
+
+if __name__ == "__main__":
+    main()
