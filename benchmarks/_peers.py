@@ -175,12 +175,31 @@ class Peer:
         return 0.0
 
 
+class HfCachePeer(Peer):
+    """A model driven through `past_key_values` with a transformers-style cache (ours and GPT-2)."""
+
+    def extend(self, model, state, ids):
+        for chunk in ids.split(self.extend_chunk, dim=1):
+            model(input_ids=chunk, past_key_values=state, use_cache=True, logits_to_keep=1)
+        return state
+
+    def replicate(self, state, batch):
+        state = copy.deepcopy(state)
+        if batch > 1:
+            state.batch_repeat_interleave(batch)
+        return state
+
+    def step(self, model, token, state):
+        model(input_ids=token, past_key_values=state, use_cache=True)
+        return state
+
+
 # --------------------------------------------------------------------------------------------------
 # xlstm_hf (ours)
 # --------------------------------------------------------------------------------------------------
 
 
-class XlstmHfPeer(Peer):
+class XlstmHfPeer(HfCachePeer):
     name = "xlstm_hf"
     title = "xlstm_hf xLSTM[7:1] (ours)"
     notes = ["xlstm_hf.xLSTMForCausalLM(xLSTMConfig()): 768 wide, 24 blocks, sLSTM at 4/12/20, untied head; "
@@ -208,21 +227,6 @@ class XlstmHfPeer(Peer):
         import xlstm_hf
 
         return xlstm_hf.xLSTMCache(model.config)
-
-    def extend(self, model, state, ids):
-        for chunk in ids.split(self.extend_chunk, dim=1):
-            model(input_ids=chunk, past_key_values=state, use_cache=True, logits_to_keep=1)
-        return state
-
-    def replicate(self, state, batch):
-        state = copy.deepcopy(state)
-        if batch > 1:
-            state.batch_repeat_interleave(batch)
-        return state
-
-    def step(self, model, token, state):
-        model(input_ids=token, past_key_values=state, use_cache=True)
-        return state
 
     def state_bytes(self, state):
         return sum(t.nbytes for s in state.states if s for t in s.values() if t is not None)
@@ -387,7 +391,7 @@ class OfficialPeer(Peer):
 # --------------------------------------------------------------------------------------------------
 
 
-class Gpt2Peer(Peer):
+class Gpt2Peer(HfCachePeer):
     name = "gpt2"
     title = "transformers GPT-2 124M"
     recurrent = False
@@ -429,21 +433,6 @@ class Gpt2Peer(Peer):
         from transformers import DynamicCache
 
         return DynamicCache(config=model.config)
-
-    def extend(self, model, state, ids):
-        for chunk in ids.split(self.extend_chunk, dim=1):
-            model(input_ids=chunk, past_key_values=state, use_cache=True, logits_to_keep=1)
-        return state
-
-    def replicate(self, state, batch):
-        state = copy.deepcopy(state)
-        if batch > 1:
-            state.batch_repeat_interleave(batch)
-        return state
-
-    def step(self, model, token, state):
-        model(input_ids=token, past_key_values=state, use_cache=True)
-        return state
 
     def state_bytes(self, state):
         return sum(t.nbytes for layer in state.layers for t in (layer.keys, layer.values) if t is not None)

@@ -73,23 +73,15 @@ _CODES_OF_DTYPES = {dtype: code for code, dtype in _DTYPE_CODES.items()}
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
+def _read_mapping(path: Path) -> dict:
+    """The mapping in a .json or .yaml file; a clear error for a malformed file or a non-mapping."""
+    kind, load, error = ("JSON", json.load, json.JSONDecodeError) if path.suffix == ".json" else \
+        ("YAML", yaml.safe_load, yaml.YAMLError)
     try:
         with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            value = load(f)
+    except error as e:
+        raise ValueError(f"{path}: not valid {kind} ({str(e).splitlines()[0]})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(value).__name__}")
     return value
@@ -121,7 +113,7 @@ def detect_format(src: str | Path, strict: bool = True) -> str | None:
     if not src.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {src}")
     if (src / "config.json").is_file():
-        model_type = _read_json(src / "config.json").get("model_type")
+        model_type = _read_mapping(src / "config.json").get("model_type")
         if model_type == "xlstm":
             return "transformers"
         if model_type == xLSTMConfig.model_type:
@@ -129,7 +121,7 @@ def detect_format(src: str | Path, strict: bool = True) -> str | None:
         raise ValueError(f"{src / 'config.json'}: model_type {model_type!r} is not an xLSTM checkpoint "
                          f"(expected 'xlstm' for transformers' xLSTM or '{xLSTMConfig.model_type}' for xlstm_hf)")
     if (src / "config.yaml").is_file():
-        return "xlstm_large" if _looks_like_xlstm_large(_read_yaml(src / "config.yaml")) else "official"
+        return "xlstm_large" if _looks_like_xlstm_large(_read_mapping(src / "config.yaml")) else "official"
     if strict:
         raise ValueError(unknown_format_message(src))
     return None
@@ -455,7 +447,7 @@ def transformers_weight_files(src: Path) -> list[Path]:
     """`model.safetensors`, or the shards named in `model.safetensors.index.json` (which must all exist)."""
     index_path = src / SAFE_INDEX_NAME
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = _read_mapping(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path}: no weight_map")
         names = sorted(set(weight_map.values()))  # model-00001-of-0000N first
@@ -474,7 +466,7 @@ def _check_index_agrees(src: Path, weights: SafetensorsFolder) -> None:
     index_path = src / SAFE_INDEX_NAME
     if not index_path.is_file():
         return
-    for name, file in _read_json(index_path)["weight_map"].items():
+    for name, file in _read_mapping(index_path)["weight_map"].items():
         info = weights.tensors.get(name)
         if info is None or weights.files[info.file].name != file:
             where = "no shard" if info is None else weights.files[info.file].name
@@ -827,7 +819,7 @@ def convert_transformers_checkpoint(src: str | Path, out_dir: str | Path, dtype=
     say = progress or logger.info
     src, out_dir = Path(src), Path(out_dir)
     _check_arguments(src, out_dir, dtype, max_shard_size)
-    d = _read_json(src / "config.json")
+    d = _read_mapping(src / "config.json")
     if d.get("model_type") != "xlstm":
         raise ValueError(f"{src / 'config.json'}: model_type {d.get('model_type')!r}, expected 'xlstm'")
     config = config_from_transformers(d, say)
@@ -853,7 +845,7 @@ def convert_xlstm_large_checkpoint(src: str | Path, out_dir: str | Path, dtype=N
     _check_arguments(src, out_dir, dtype, max_shard_size)
     if not (src / "config.yaml").is_file():
         raise ValueError(f"no config.yaml in {src}")
-    d = _read_yaml(src / "config.yaml")
+    d = _read_mapping(src / "config.yaml")
     weights = SafetensorsFolder(xlstm_large_weight_files(src))  # before the tokenizer: cheap checks first
     config = config_from_xlstm_large(d, _special_token_ids(src, say), say)
     mode = _weight_mode_of(weights)  # the official loader always builds "single"; fused files convert too

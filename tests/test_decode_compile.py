@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from xlstm_hf import backends
+from xlstm_hf.modeling_xlstm import inference_compiled
 
 from conftest import tiny_model
 
@@ -35,7 +36,7 @@ def test_compiled_decode_equals_eager(design, batch):
     eager = _decode_logits(model, ids, steps=5)
     model.config.compile_inference = True
     with torch.no_grad():
-        assert model.backbone.decode_compiled(torch.device("cpu"))
+        assert inference_compiled(model, torch.device("cpu"))
     compiled = _decode_logits(model, ids, steps=5)
     assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
     prompt = ids[:, :6]
@@ -104,6 +105,6 @@ def test_failed_compile_falls_back_to_eager(monkeypatch):
     assert any("no C++ compiler" in str(w.message) for w in caught)
     assert torch.equal(fallback, eager)
     with torch.no_grad():
-        assert not model.backbone.decode_compiled(torch.device("cpu"))  # off for the rest of the process
+        assert not inference_compiled(model, torch.device("cpu"))  # off for the rest of the process
     backends._compiled_forward.cache_clear()  # later tests compile for real
     backends._compiled_torch_ops.cache_clear()

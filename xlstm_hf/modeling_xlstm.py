@@ -172,6 +172,13 @@ class CausalConv1d(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def inference_compiled(module: nn.Module, device: torch.device) -> bool:
+    """Whether `module` (which has a `config`) runs its per-token work through torch.compile now: only in
+    inference (eval mode, no autograd), as `config.compile_inference` says (see backends.compile_enabled)."""
+    return not (module.training or torch.is_grad_enabled()) and compile_enabled(
+        module.config.compile_inference, device, module.config.hidden_size)
+
+
 class GateLinear(nn.Linear):
     """A gate pre-activation projection: zero weight, bias initialised as the official packages do it:
     "linspace" (forget gates, linearly spaced in [3, 6], i.e. remember by default), "normal" (the paper's
@@ -331,8 +338,7 @@ class sLSTMLayer(nn.Module):
         gates = torch.stack([self.igate(x_conv), self.fgate(x_conv), self.zgate(x), self.ogate(x)], dim=-2)
         gates = gates.view(B, T, 4, self.num_heads, self.head_dim).transpose(2, 3)  # (B, T, NH, 4, DH)
         previous = tuple(state[key] for key in "hcnm") if "h" in state else None
-        compiled = T > 1 and not (self.training or torch.is_grad_enabled()) and compile_enabled(
-            self.config.compile_inference, x.device, self.config.hidden_size)
+        compiled = T > 1 and inference_compiled(self, x.device)
         slstm = get_ops(self.config.kernel_backend, x.device, compiled)["slstm"]
         h, cell_state = slstm(gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
         y = self.group_norm(self.dropout(h))
@@ -602,7 +608,7 @@ class xLSTMModel(xLSTMPreTrainedModel):
         all_hidden = (hidden,) if output_hidden_states else None
         # A cache that is passed in is read and advanced (its states are handed to the cells, which may
         # update them in place), whether or not it is also returned (use_cache).
-        compiled = T == 1 and cache is not None and mask is None and self.decode_compiled(hidden.device)
+        compiled = T == 1 and cache is not None and mask is None and inference_compiled(self, hidden.device)
         for j, block in enumerate(self.blocks):
             state = cache.states[j] if cache is not None else None
             hidden, new_state = decode_call(compiled, block, hidden, state, mask, cache is not None)
@@ -619,11 +625,6 @@ class xLSTMModel(xLSTMPreTrainedModel):
         if not return_dict:
             return tuple(v for v in (hidden, out_cache, all_hidden) if v is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out_cache, hidden_states=all_hidden)
-
-    def decode_compiled(self, device: torch.device) -> bool:
-        """Whether a one-token step runs through torch.compile now (`config.compile_inference`; inference only)."""
-        return not (self.training or torch.is_grad_enabled()) and compile_enabled(
-            self.config.compile_inference, device, self.config.hidden_size)
 
     @staticmethod
     def _padding_mask(attention_mask, batch: int, length: int, past: int) -> torch.Tensor | None:
@@ -695,7 +696,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
         hidden = hidden.to(self.lm_head.weight.dtype)
-        compiled = hidden.shape[0] * hidden.shape[1] == 1 and self.backbone.decode_compiled(hidden.device)
+        compiled = hidden.shape[0] * hidden.shape[1] == 1 and inference_compiled(self, hidden.device)
         logits = soft_cap(decode_call(compiled, self.lm_head, hidden).float(), self.config.logits_soft_cap)
         loss = None
         if labels is not None:
