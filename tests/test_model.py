@@ -128,6 +128,23 @@ def test_continue_from_returned_cache(model):
     assert torch.equal(more, full)
 
 
+def test_cache_argument_under_both_names(model):
+    """transformers 5.24 renamed `past_key_values` to `cache`: forward takes either (generate() passes the
+    installed version's name, which the tests above exercise) and refuses two different caches."""
+    from xlstm_hf.modeling_xlstm import CACHE_NAME
+
+    ids = torch.randint(1, 97, (2, 9))
+    whole = model(ids).logits[:, -1]
+    old, new = xLSTMCache(model.config), xLSTMCache(model.config)
+    model(ids[:, :5], past_key_values=old, use_cache=True)
+    out = model(ids[:, :5], cache=new, use_cache=True)
+    assert getattr(out, CACHE_NAME) is new
+    torch.testing.assert_close(model(ids[:, 5:], past_key_values=old).logits[:, -1], whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(ids[:, 5:], cache=new).logits[:, -1], whole, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, cache=xLSTMCache(model.config), past_key_values=xLSTMCache(model.config))
+
+
 def test_sampling_and_num_return_sequences(model):
     ids = torch.randint(1, 97, (2, 5))
     torch.manual_seed(0)

@@ -35,6 +35,18 @@ from .backends import compile_enabled, decode_call, get_ops, linear
 from .configuration_xlstm import xLSTMConfig
 from .hub import xLSTMHubMixin
 
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name
+# still works there, with a deprecation warning). Our forward accepts both; outputs and generate() use the
+# name of the installed version.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache, past_key_values):
+    """The cache passed as `cache` or under its old name `past_key_values` (not two different ones)."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
 # --------------------------------------------------------------------------------------------------
 # Building blocks with the official package's initialisation
 # --------------------------------------------------------------------------------------------------
@@ -479,6 +491,13 @@ class xLSTMCache:
         self.states: list[dict | None] = [None] * (num_blocks if num_blocks is not None else config.num_blocks)
         self.seen_tokens = 0
 
+    @property
+    def is_linear(self) -> list[bool]:
+        # transformers >= 5.24 cuts already-consumed positions off the prompt (by get_seq_length()) only for
+        # caches whose layers are not "linear" (its Mamba caches); ours counts them exactly, and continuing
+        # from a returned cache with the whole sequence needs that cut
+        return [False] * len(self.states)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of positions (padding included) the state has consumed."""
         return self.seen_tokens
@@ -564,16 +583,17 @@ class xLSTMModel(xLSTMPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: xLSTMCache | None = None,
+        cache: xLSTMCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: xLSTMCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, H); attention_mask (B, T) or (B, past + T) with 0 for
-        padding; past_key_values: an `xLSTMCache` to continue from (always advanced in place; returned when
-        `use_cache`)."""
+        padding; cache (or its old name past_key_values): an `xLSTMCache` to continue from (always advanced
+        in place; returned when `use_cache`)."""
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
@@ -592,16 +612,16 @@ class xLSTMModel(xLSTMPreTrainedModel):
         B, T = inputs_embeds.shape[:2]
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        cache = past_key_values
+        cache = _one_cache(cache, past_key_values)
         if cache is not None and not isinstance(cache, xLSTMCache):
-            raise ValueError(f"past_key_values must be an xLSTMCache, got {type(cache).__name__}")
+            raise ValueError(f"the cache (past_key_values) must be an xLSTMCache, got {type(cache).__name__}")
         if use_cache and cache is None:
             cache = xLSTMCache(self.config)
         if cache is not None:
             if len(cache) != len(self.blocks):
-                raise ValueError(f"past_key_values holds {len(cache)} blocks, the model has {len(self.blocks)}")
+                raise ValueError(f"the cache holds {len(cache)} blocks, the model has {len(self.blocks)}")
             if cache.batch_size is not None and cache.batch_size != B:
-                raise ValueError(f"past_key_values has batch size {cache.batch_size}, the input has {B}")
+                raise ValueError(f"the cache has batch size {cache.batch_size}, the input has {B}")
         mask = self._padding_mask(attention_mask, B, T, cache.get_seq_length() if cache is not None else 0)
 
         hidden = self.embedding_dropout(inputs_embeds)
@@ -624,7 +644,7 @@ class xLSTMModel(xLSTMPreTrainedModel):
         out_cache = cache if use_cache else None
         if not return_dict:
             return tuple(v for v in (hidden, out_cache, all_hidden) if v is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out_cache, hidden_states=all_hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=all_hidden, **{CACHE_NAME: out_cache})
 
     @staticmethod
     def _padding_mask(attention_mask, batch: int, length: int, past: int) -> torch.Tensor | None:
@@ -667,27 +687,28 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         # Create our cache up front (generate() only creates key/value caches itself), so that chunked
         # prefill and continuing from the returned cache work like for attention models.
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if generation_config.use_cache and model_kwargs.get("past_key_values") is None:
-            model_kwargs["past_key_values"] = xLSTMCache(self.config)
+        if generation_config.use_cache and model_kwargs.get(CACHE_NAME) is None:
+            model_kwargs[CACHE_NAME] = xLSTMCache(self.config)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: xLSTMCache | None = None,
+        cache: xLSTMCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: xLSTMCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (soft-capped if `config.logits_soft_cap`) for every position (or the last `logits_to_keep`); with `labels`, the shifted
         next-token cross-entropy (labels -100 are ignored)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.backbone(
-            input_ids, attention_mask=attention_mask, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            input_ids, attention_mask=attention_mask, cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden = outputs.last_hidden_state
@@ -702,10 +723,10 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if not return_dict:
-            out = (logits,) + tuple(v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None)
+            out = (logits,) + tuple(v for v in (getattr(outputs, CACHE_NAME), outputs.hidden_states) if v is not None)
             return ((loss,) + out) if loss is not None else out
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: getattr(outputs, CACHE_NAME)}
         )
 
 
