@@ -89,7 +89,7 @@ def test_failed_compile_falls_back_to_eager(monkeypatch):
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
     eager = _decode_logits(model, ids, steps=3)
 
-    def broken_compile(fn):
+    def broken_compile(fn, **options):
         def compiled(*args):
             raise RuntimeError("no C++ compiler")
         return compiled

@@ -138,10 +138,16 @@ def compile_enabled(setting, device: torch.device, hidden_size: int) -> bool:
     return bool(setting) and not _compile_failed and not torch.compiler.is_compiling()
 
 
+#: Inductor inlines cheap elementwise producers (a layer norm, a gating product) into the loops that
+#: consume them, which inside a matrix-vector product recomputes them for every row of the weight. In a
+#: decode step they are vectors, so materialising every intermediate costs little (sLSTM block: ~2x faster).
+INDUCTOR_OPTIONS = {"realize_opcount_threshold": 1, "realize_cpu_opcount_threshold": 1}
+
+
 def safely_compiled(fn):
     """`torch.compile(fn)`, falling back to `fn` itself if compiling fails (no C++ compiler, an unsupported
     platform): a warning, then eager calls for the rest of the process (`compile_enabled` turns False)."""
-    compiled = torch.compile(fn)
+    compiled = torch.compile(fn, options=INDUCTOR_OPTIONS)
 
     def call(*args):
         global _compile_failed
