@@ -137,7 +137,11 @@ def measure_machine(args, s: Settings) -> dict:
     gflops = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         best = 0.0
-        for size in ((1024, 2048) if args.quick else (2048, 4096)):
+        # growing sizes, stopping where a product would take over 5 s: without AVX-512 BF16 or AMX, bf16
+        # matmuls run at ~1 GFLOP/s (a 4096^2 product would take minutes)
+        for size in (512, 1024, 2048) if args.quick else (512, 1024, 2048, 4096):
+            if best and 2 * size**3 / (best * 1e9) > 5.0:
+                break
             a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
             torch.mm(a, b)
             best = max(best, 2 * size**3 / min(timed(lambda: torch.mm(a, b)) for _ in range(3)) / 1e9)
@@ -497,6 +501,25 @@ def run_group(group: Group, args, s: Settings, results: list[dict], bar) -> None
         bar.write(f"  {Group.label(group.peer, group.dtype, *key)}: {failure}")
 
 
+#: bf16 prefill and training are skipped where bf16 matmuls run below this fraction of fp32's speed (CPUs
+#: without AVX-512 BF16 or AMX: ~1 GFLOP/s, where one measurement would take many minutes)
+SLOW_BF16_FRACTION = 0.25
+
+
+def without_slow_bf16(group: Group, results: list[dict]) -> tuple[Group, str | None]:
+    """The group without its bf16 matmul-bound items (prefill, training) when this machine's bf16 matmuls
+    are slow, and the skip reason (None when nothing is dropped). Decoding is bandwidth-bound and stays."""
+    machine = next((r for r in results if r.get("kind") == "machine"), None)
+    if group.dtype != "bf16" or machine is None:
+        return group, None
+    fp32, bf16 = machine["matmul_gflops"]["fp32"], machine["matmul_gflops"]["bf16"]
+    if bf16 >= SLOW_BF16_FRACTION * fp32:
+        return group, None
+    reason = f"n/a: slow bf16 matmul on this CPU ({bf16:.1f} vs {fp32:.0f} GFLOP/s fp32)"
+    whats = tuple(w for w in group.whats if w == "decode")
+    return Group(group.peer, whats, group.dtype, group.batches, [i for i in group.items if i[0] in whats]), reason
+
+
 def run_all(args, s: Settings) -> list[dict]:
     from tqdm import tqdm
 
@@ -507,13 +530,19 @@ def run_all(args, s: Settings) -> list[dict]:
     with tqdm(total=sum(costs), bar_format=fmt, dynamic_ncols=True) as bar:
         for group, cost in zip(groups, costs):
             start = bar.n
+            kept, slow = without_slow_bf16(group, results)
+            for what, B, T in [i for i in group.items if i not in kept.items]:
+                results.append({"kind": "result", "peer": group.peer, "what": what, "dtype": group.dtype,
+                                "batch": B, "size": T, "status": "skip", "reason": slow})
+                bar.write(f"  {Group.label(group.peer, group.dtype, what, B, T)}: {slow}")
+            group = kept
             reason = train_prediction(group, results, s)
             if reason:
                 for what, B, T in group.items:
                     results.append({"kind": "result", "peer": group.peer, "what": what, "dtype": group.dtype,
                                     "batch": B, "size": T, "status": "skip", "reason": reason})
                     bar.write(f"  {Group.label(group.peer, group.dtype, what, B, T)}: {reason}")
-            else:
+            elif group.items or group.peer == "machine":  # (the machine group has no items)
                 run_group(group, args, s, results, bar)
             bar.update(max(0.0, start + cost - bar.n))  # the group's startup share
     return results
