@@ -68,7 +68,10 @@ def wang_init_std(dim: int, num_blocks: int) -> float:
 
 
 class Linear(nn.Linear):
-    """nn.Linear initialised with a normal(0, `std`) weight and a zero bias."""
+    """nn.Linear initialised with a normal(0, `std`) weight and a zero bias. In a compiled decode step
+    it streams its weight for up to `matvec_rows` input rows (see backends.linear)."""
+
+    matvec_rows = 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool, std: float):
         self.init_std = std
@@ -80,7 +83,7 @@ class Linear(nn.Linear):
             init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)  # F.linear; a streaming matrix-vector loop in compiled decoding
+        return linear(x, self.weight, self.bias, self.matvec_rows)  # F.linear, or a streaming loop in compiled decoding
 
 
 class HeadwiseLinear(nn.Module):
@@ -683,6 +686,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backbone = xLSTMModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, small_init_std(config.hidden_size))
+        self.lm_head.matvec_rows = 8  # its input is the compiled call's own (nothing to recompute per row)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -731,7 +735,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
         hidden = hidden.to(self.lm_head.weight.dtype)
-        compiled = hidden.shape[0] * hidden.shape[1] == 1 and inference_compiled(self, hidden.device)
+        compiled = hidden.shape[0] * hidden.shape[1] <= self.lm_head.matvec_rows and inference_compiled(self, hidden.device)
         logits = soft_cap(decode_call(compiled, self.lm_head, hidden).float(), self.config.logits_soft_cap)
         loss = None
         if labels is not None:
