@@ -70,20 +70,6 @@ def test_compile_inference_setting(monkeypatch):
         tiny_model(compile_inference="yes")
 
 
-def test_compiled_slstm_step_equals_eager():
-    """The sLSTM recurrence with its per-step update compiled (inference on CPU) equals the eager one,
-    with padding (the masked steps) and a carried state."""
-    model = tiny_model(scale=0.1, compile_inference=False)  # the paper design: has an sLSTM block
-    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    with torch.no_grad():
-        eager = model(ids, attention_mask=mask).logits
-        model.config.compile_inference = True
-        compiled = model(ids, attention_mask=mask).logits
-    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
-
-
 def test_failed_compile_falls_back_to_eager(monkeypatch):
     model = tiny_model(scale=0.1, compile_inference=False)
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
@@ -97,7 +83,6 @@ def test_failed_compile_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(backends, "_compile_failed", False)
     backends._compiled_forward.cache_clear()
-    backends._compiled_torch_ops.cache_clear()
     model.config.compile_inference = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -107,4 +92,3 @@ def test_failed_compile_falls_back_to_eager(monkeypatch):
     with torch.no_grad():
         assert not inference_compiled(model, torch.device("cpu"))  # off for the rest of the process
     backends._compiled_forward.cache_clear()  # later tests compile for real
-    backends._compiled_torch_ops.cache_clear()

@@ -12,8 +12,9 @@ reference (Triton has no quadratic parallel form: its chunkwise kernel serves).
 
 Inference can run its per-token work through `torch.compile` (`config.compile_inference`): each block's
 one-token decode step (`decode_call`; the compiled step fuses the small per-token operations, and its
-matrix-vector products, `linear`, become loops that stream the weights at memory bandwidth) and the
-sLSTM's per-step update inside a sequence (`get_ops(..., compiled=True)`). The eager path is the fallback.
+matrix-vector products, `linear`, become loops that stream the weights at memory bandwidth). The eager
+path is the fallback. (The sLSTM's per-step update inside a sequence stays eager: compiled, each step's
+call costs more than its few small operations.)
 """
 
 import functools
@@ -24,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .cells import mlstm_chunkwise, mlstm_parallel, mlstm_step, slstm_pointwise, slstm_recurrent
+from .cells import mlstm_chunkwise, mlstm_parallel, mlstm_step, slstm_recurrent
 from .configuration_xlstm import KERNEL_BACKENDS
 
 ENV_VAR = "XLSTM_KERNEL_BACKEND"
@@ -90,12 +91,9 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def get_ops(name: str, device: torch.device, compiled: bool = False) -> dict:
-    """The operations of backend `name` for tensors on `device` (see the module docstring); `compiled`:
-    the PyTorch operations with the sLSTM's per-step update through torch.compile (inference on CPU)."""
-    if resolve_backend(name, device) == "triton":
-        return triton_ops()
-    return _compiled_torch_ops() if compiled else TORCH_OPS
+def get_ops(name: str, device: torch.device) -> dict:
+    """The operations of backend `name` for tensors on `device` (see the module docstring)."""
+    return triton_ops() if resolve_backend(name, device) == "triton" else TORCH_OPS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,7 +179,3 @@ def decode_call(compiled: bool, module: torch.nn.Module, *args):
     """`module(*args)`, through `torch.compile` when `compiled` (see `safely_compiled`)."""
     return _compiled_forward(type(module))(module, *args) if compiled else module(*args)
 
-
-@functools.cache
-def _compiled_torch_ops() -> dict:
-    return {**TORCH_OPS, "slstm": functools.partial(slstm_recurrent, step=safely_compiled(slstm_pointwise))}

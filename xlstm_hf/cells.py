@@ -189,14 +189,12 @@ def slstm_pointwise(raw, c, n, m):
     return h_new, c_new, n_new, m_new
 
 
-def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None,
-                    step=slstm_pointwise):
+def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
     """sLSTM over a sequence (paper eqs. 8-17, stabilised as in the official package).
 
     x: (B, T, NH, 4, DH) input contributions to the gate pre-activations, gates ordered (i, f, z, o);
     recurrent_kernel: (NH, DH, 4, DH) maps h_{t-1} of a head (input dim) to that head's four gates;
-    bias: (NH, 4, DH); mask: optional (B, T) bool, False = padding: that step leaves the state unchanged;
-    step: `slstm_pointwise` or a compiled version of it.
+    bias: (NH, 4, DH); mask: optional (B, T) bool, False = padding: that step leaves the state unchanged.
     Returns (h (B, T, NH, DH), final state (h, c, n, m) each (B, NH, DH) or None).
 
         i~, f~, z~, o~ = x_t + R h_{t-1} + b
@@ -215,7 +213,7 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
     outputs = []
     # unbind() rather than wx[t]: indexing in the loop would give each step a full-size zero gradient
     for wx_t, keep in zip(wx.unbind(0), keeps):
-        h_new, c_new, n_new, m_new = step(wx_t + torch.bmm(h, r).view(NH, B, G, DH), c, n, m)
+        h_new, c_new, n_new, m_new = slstm_pointwise(wx_t + torch.bmm(h, r).view(NH, B, G, DH), c, n, m)
         if keep is not None:
             h_new, c_new, n_new, m_new = (torch.where(keep, a, b) for a, b in ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
         h, c, n, m = h_new, c_new, n_new, m_new

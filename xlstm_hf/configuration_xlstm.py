@@ -114,8 +114,8 @@ class xLSTMConfig(PreTrainedConfig):
             PyTorch reference), `"torch"` or `"triton"`; the environment variable `XLSTM_KERNEL_BACKEND`
             overrides it.
         compile_inference: run inference's per-token work through `torch.compile`: one-token decode steps
-            (fused per-token work, matrix-vector products that stream the weights at memory bandwidth) and
-            the sLSTM's per-step update. `"auto"`: on CPU for models at least 512 wide (a one-time compile
+            (fused per-token work, matrix-vector products that stream the weights at memory bandwidth).
+            `"auto"`: on CPU for models at least 512 wide (a one-time compile
             of some seconds per process; smaller models are not worth it); True / False force it.
             `XLSTM_COMPILE=0/1` overrides it. Without a working compiler the eager path runs, with a warning.
     """

@@ -367,8 +367,7 @@ class sLSTMLayer(nn.Module):
         gates = torch.stack([self.igate(x_conv), self.fgate(x_conv), self.zgate(x), self.ogate(x)], dim=-2)
         gates = gates.view(B, T, 4, self.num_heads, self.head_dim).transpose(2, 3)  # (B, T, NH, 4, DH)
         previous = tuple(state[key] for key in "hcnm") if "h" in state else None
-        compiled = T > 1 and inference_compiled(self, x.device)
-        slstm = get_ops(self.config.kernel_backend, x.device, compiled)["slstm"]
+        slstm = get_ops(self.config.kernel_backend, x.device)["slstm"]
         h, cell_state = slstm(gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
         y = self.group_norm(self.dropout(h))
         if not output_state:
