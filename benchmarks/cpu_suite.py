@@ -530,18 +530,19 @@ def run_all(args, s: Settings) -> list[dict]:
     with tqdm(total=sum(costs), bar_format=fmt, dynamic_ncols=True) as bar:
         for group, cost in zip(groups, costs):
             start = bar.n
-            kept, slow = without_slow_bf16(group, results)
-            for what, B, T in [i for i in group.items if i not in kept.items]:
-                results.append({"kind": "result", "peer": group.peer, "what": what, "dtype": group.dtype,
-                                "batch": B, "size": T, "status": "skip", "reason": slow})
-                bar.write(f"  {Group.label(group.peer, group.dtype, what, B, T)}: {slow}")
-            group = kept
-            reason = train_prediction(group, results, s)
-            if reason:
-                for what, B, T in group.items:
+
+            def skip(items, reason):
+                for what, B, T in items:
                     results.append({"kind": "result", "peer": group.peer, "what": what, "dtype": group.dtype,
                                     "batch": B, "size": T, "status": "skip", "reason": reason})
                     bar.write(f"  {Group.label(group.peer, group.dtype, what, B, T)}: {reason}")
+
+            kept, slow = without_slow_bf16(group, results)
+            skip([i for i in group.items if i not in kept.items], slow)
+            group = kept
+            reason = train_prediction(group, results, s)
+            if reason:
+                skip(group.items, reason)
             elif group.items or group.peer == "machine":  # (the machine group has no items)
                 run_group(group, args, s, results, bar)
             bar.update(max(0.0, start + cost - bar.n))  # the group's startup share

@@ -734,7 +734,8 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
         hidden = hidden.to(self.lm_head.weight.dtype)
-        compiled = hidden.shape[0] * hidden.shape[1] <= self.lm_head.matvec_rows and inference_compiled(self, hidden.device)
+        # decoding (one position per row): compiled, one graph per batch size up to matvec_rows
+        compiled = hidden.shape[1] == 1 and hidden.shape[0] <= self.lm_head.matvec_rows and inference_compiled(self, hidden.device)
         logits = soft_cap(decode_call(compiled, self.lm_head, hidden).float(), self.config.logits_soft_cap)
         loss = None
         if labels is not None:
