@@ -89,23 +89,94 @@ def sizes_for(what: str, s: Settings) -> tuple[int, ...]:
 
 
 # ==================================================================================================
+# Facts about this process and machine, one helper each (Linux reads /proc; macOS and Windows have their own
+# sources; a fact with no source is None / "unknown", never an exception)
+# ==================================================================================================
+
+PROC_STATUS = Path("/proc/self/status")
+PROC_CPUINFO = Path("/proc/cpuinfo")
+
+
+def _proc_field(path: Path, key: str) -> str | None:
+    """The value after `key:` on the first line of a /proc-style `key: value` file that has it; None when
+    the file cannot be read (not Linux) or has no such line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size in bytes: VmHWM of /proc/self/status on Linux, else
+    getrusage's ru_maxrss (bytes on macOS, kilobytes on Linux and the BSDs), else (Windows) psutil's peak
+    working set; None when no source is available."""
+    if sys.platform.startswith("linux"):
+        hwm = _proc_field(PROC_STATUS, "VmHWM")  # "123456 kB"
+        if hwm and hwm.split()[0].isdigit():
+            return int(hwm.split()[0]) * 1024
+    try:
+        import resource
+    except ImportError:  # Windows
+        resource = None
+    if resource is not None:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+    try:
+        import psutil  # the parent side needs it anyway (a transitive dependency of accelerate)
+
+        info = psutil.Process().memory_info()
+    except Exception:  # noqa: BLE001 - not installed, or no access: report no figure
+        return None
+    peak = getattr(info, "peak_wset", None)  # Windows
+    return int(peak) if peak is not None else None
+
+
+def _sysctl(name: str) -> str | None:
+    """`sysctl -n NAME` (macOS, BSDs), or None."""
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo on Linux (x86 "model name"; ARM boards: "Hardware"/"Model"),
+    sysctl's machdep.cpu.brand_string on macOS, else platform.processor() / platform.machine(), else
+    "unknown"."""
+    name = None
+    if sys.platform.startswith("linux"):
+        name = next(filter(None, (_proc_field(PROC_CPUINFO, key) for key in ("model name", "Hardware", "Model"))),
+                    None)
+    elif sys.platform == "darwin":
+        name = _sysctl("machdep.cpu.brand_string")
+    return name or platform.processor() or platform.machine() or "unknown"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, or None where the platform has none (Windows)."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+def format_load(value) -> str:
+    return "n/a" if not value else f"{value[0]:.2f}"
+
+
+# ==================================================================================================
 # Worker side: one process per measurement group, printing one JSON line per measurement
 # ==================================================================================================
 
 
 def emit(record: dict) -> None:
     print(RESULT_TAG + json.dumps(record), flush=True)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def timed(fn) -> float:
@@ -433,6 +504,8 @@ def train_prediction(group: Group, results: list[dict], s: Settings) -> str | No
     scale = B / ref["batch"]
     if ref["seconds"] * scale > s.budget_s:
         return f"n/a: >budget (est. {ref['seconds'] * scale:.0f} s/step)"
+    if not ref.get("peak_rss"):  # no peak-RSS source on this platform: no memory prediction
+        return None
     static = 0.6 * GB + 16 * ref["params_total"]  # interpreter + fp32 weights, grads, AdamW moments
     est_rss = static + 1.25 * (ref["peak_rss"] - static) * scale  # +25%: GPT-2 measured 2.2 -> 2.8 MB/token
     if est_rss > s.mem_limit_gb * GB:
@@ -558,12 +631,6 @@ def machine_description(args) -> dict:
     import torch
     import transformers
 
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__}
     for module in ("xlstm", "mlstm_kernels"):
@@ -573,8 +640,8 @@ def machine_description(args) -> dict:
             versions[module] = version(module)
         except Exception:  # noqa: BLE001 - only informative
             versions[module] = "not installed"
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "threads": args.threads, "versions": versions,
-            "load_average_start": os.getloadavg()}
+    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "threads": args.threads, "versions": versions,
+            "load_average_start": load_average()}
 
 
 class Report:
@@ -654,7 +721,7 @@ class Report:
                     row = [dtype, str(B), peer] + [self.cell((peer, what, dtype, B, T)) for T in sizes]
                     if what == "train":
                         r = self.get(peer, what, dtype, B, sizes[0])
-                        row.append(f"{r['peak_rss'] / GB:.2f}" if r else "-")
+                        row.append(f"{r['peak_rss'] / GB:.2f}" if r and r.get("peak_rss") else "-")
                     rows.append(row)
         header = ["dtype", "batch", "peer"] + [f"{name}={T} {unit}" for T in sizes]
         lines += self.table(header + (["peak RSS GB"] if what == "train" else []), rows) + [""]
@@ -711,7 +778,9 @@ class Report:
             ours, theirs = (self.get(p, "train", dtype, B, T_train) for p in ("xlstm_hf", "gpt2"))
             if not ours or not theirs:
                 return None
-            a, b = ours["peak_rss"], theirs["peak_rss"]
+            a, b = ours.get("peak_rss"), theirs.get("peak_rss")
+            if not a or not b:  # no peak-RSS source on this platform
+                return None
             return a <= b, f"{a / GB:.1f} vs {b / GB:.1f} GB"
 
         return [
@@ -747,8 +816,8 @@ class Report:
                   f"- run: {self.data['started']}, {self.data['duration_s'] / 60:.1f} min"
                   + (" (--quick: tiny sizes, for checking the script only; one worker per peer and dtype, so "
                      "peak RSS is not per measurement)" if self.data["args"]["quick"] else ""),
-                  f"- load average at start / end: {d['load_average_start'][0]:.2f} / "
-                  f"{d.get('load_average_end', [0])[0]:.2f}"
+                  f"- load average at start / end: {format_load(d.get('load_average_start'))} / "
+                  f"{format_load(d.get('load_average_end'))}"
                   " (a busy machine disturbs every figure)"]
         if m:
             gflops = m["matmul_gflops"]
@@ -891,7 +960,7 @@ def main(argv=None) -> None:
           + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()))
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
     results = run_all(args, s)
-    machine["load_average_end"] = os.getloadavg()
+    machine["load_average_end"] = load_average()
     data = {"started": started, "duration_s": time.time() - t0, "machine": machine, "settings": asdict(s),
             "args": {k: getattr(args, k) for k in ("quick", "peers", "what", "batches", "dtypes", "threads")},
             "results": results}
