@@ -36,7 +36,7 @@ def test_compiled_decode_equals_eager(design, batch):
     eager = _decode_logits(model, ids, steps=5)
     model.config.compile_inference = True
     with torch.no_grad():
-        assert inference_compiled(model, torch.device("cpu"))
+        assert inference_compiled(model, torch.device("cpu"), model.backbone.blocks)
     compiled = _decode_logits(model, ids, steps=5)
     assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
     prompt = ids[:, :6]
@@ -90,5 +90,38 @@ def test_failed_compile_falls_back_to_eager(monkeypatch):
     assert any("no C++ compiler" in str(w.message) for w in caught)
     assert torch.equal(fallback, eager)
     with torch.no_grad():
-        assert not inference_compiled(model, torch.device("cpu"))  # off for the rest of the process
+        assert not inference_compiled(model, torch.device("cpu"), model.lm_head)  # off for the rest of the process
     backends._compiled_forward.cache_clear()  # later tests compile for real
+
+
+def test_compiled_decoding_runs_module_hooks():
+    """Forward hooks (a user's, or accelerate's device_map / offload hooks, which replace `forward` on the
+    instance) run on every call with compile_inference on: the compiled path, which calls the blocks' class
+    forward, is not taken while there are any. The hooked run's tokens equal the compiled run's."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    model = tiny_model(scale=0.1, compile_inference=True)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(prompt, **kwargs)  # compiled decode steps
+    calls = {"block": 0, "head": 0, "accelerate": 0}
+    block, head = model.backbone.blocks[1], model.lm_head
+    hooks = [block.register_forward_hook(lambda *_: calls.__setitem__("block", calls["block"] + 1)),
+             head.register_forward_pre_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))]
+
+    class Count(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls["accelerate"] += 1
+            return args, kwargs
+
+    add_hook_to_module(model.backbone.blocks[0].mlstm.q_proj, Count())  # deep inside a block
+    with torch.no_grad():
+        tokens = model.generate(prompt, **kwargs)
+    assert torch.equal(tokens, expected)
+    assert calls == {"block": 5, "head": 5, "accelerate": 5}  # one prefill + 4 decode steps each
+    for hook in hooks:
+        hook.remove()
+    remove_hook_from_module(model.backbone.blocks[0].mlstm.q_proj)
+    with torch.no_grad():
+        assert inference_compiled(model, torch.device("cpu"), model.backbone.blocks)  # compiled again

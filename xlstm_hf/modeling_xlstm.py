@@ -41,6 +41,40 @@ from .hub import xLSTMHubMixin
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+#: inputs of padding-free packing (transformers' DataCollatorWithFlattening, flash-attention style kwargs)
+PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+#: keyword arguments of transformers' causal-LM loss, which Trainer passes through the forward
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def refuse_unsupported_inputs(position_ids, attention_mask, kwargs: dict) -> None:
+    """Raise for inputs the model cannot honour instead of ignoring them: packed sequences (position_ids that
+    restart inside a row, or the collator's cu_seq_lens_*/max_length_*/seq_idx), output_attentions, and
+    unknown keywords. position_ids that count up by one over the real tokens carry nothing a recurrent
+    model needs and are accepted."""
+    packed = [name for name in PACKING_KWARGS if kwargs.get(name) is not None]
+    if position_ids is not None and not packed:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            packed = ["position_ids"]  # cannot be checked in a traced graph
+        else:  # read on the host: a sync on accelerators, paid only by callers that pass position_ids
+            steps = position_ids.diff(dim=-1) != 1
+            if attention_mask is not None and attention_mask.shape == position_ids.shape:
+                real = attention_mask != 0
+                steps &= real[..., 1:] & real[..., :-1]  # a padded neighbour may have any position id
+            if steps.any():
+                packed = ["position_ids restarting inside a row"]
+    if packed:
+        raise ValueError(
+            f"packed sequences ({', '.join(packed)}: several documents in one row, as DataCollatorWithFlattening "
+            "makes them) are not supported yet: each document's recurrent state would flow into the next. Pad "
+            "the batch instead (e.g. DataCollatorForLanguageModeling, with attention_mask)")
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True: xLSTM has no attention weights to return")
+    unknown = sorted(set(kwargs) - set(PACKING_KWARGS) - {"output_attentions"})
+    if unknown:
+        raise TypeError(f"forward() got unexpected keyword arguments {unknown}")
+
+
 def _one_cache(cache, past_key_values):
     """The cache passed as `cache` or under its old name `past_key_values` (not two different ones)."""
     if past_key_values is not None and cache is not None and past_key_values is not cache:
@@ -189,11 +223,33 @@ class CausalConv1d(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def inference_compiled(module: nn.Module, device: torch.device) -> bool:
+def reads_values(tensor: torch.Tensor) -> bool:
+    """Whether the forward may read `tensor`'s values on the host (for input checks and shortcuts): only in
+    eager calls on CPU tensors. While tracing (torch.compile, torch.export, TorchScript) a value read is a
+    data-dependent guard, and on an accelerator a host sync in every forward."""
+    return tensor.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` or one of its submodules runs more than its `forward`: forward (pre-)hooks,
+    a `forward` replaced on the instance (accelerate's device_map / CPU-offload hooks do that), or global
+    module hooks."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    def replaced(m):  # accelerate's remove_hook_from_module leaves the class's own forward, bound, behind
+        forward = m.__dict__.get("forward")
+        return forward is not None and getattr(forward, "__func__", None) is not type(m).forward
+
+    return any(m._forward_hooks or m._forward_pre_hooks or replaced(m) for m in module.modules())
+
+
+def inference_compiled(module: nn.Module, device: torch.device, called: nn.Module) -> bool:
     """Whether `module` (which has a `config`) runs its per-token work through torch.compile now: only in
-    inference (eval mode, no autograd), as `config.compile_inference` says (see backends.compile_enabled)."""
+    inference (eval mode, no autograd), as `config.compile_inference` says (see backends.compile_enabled),
+    and only where `called` (the modules that the compiled path calls by their class's forward) has no hooks,
+    which that path would skip."""
     return not (module.training or torch.is_grad_enabled()) and compile_enabled(
-        module.config.compile_inference, device, module.config.hidden_size)
+        module.config.compile_inference, device, module.config.hidden_size) and not has_forward_hooks(called)
 
 
 class GateLinear(nn.Linear):
@@ -605,11 +661,14 @@ class xLSTMModel(xLSTMPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: xLSTMCache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
-        """input_ids (B, T) or inputs_embeds (B, T, H); attention_mask (B, T) or (B, past + T) with 0 for
-        padding; cache (or its old name past_key_values): an `xLSTMCache` to continue from (always advanced
-        in place; returned when `use_cache`)."""
+        """input_ids (B, T) or inputs_embeds (B, T, H); attention_mask (B, T) or (B, past + T) with 1 for real
+        tokens and 0 for padding; cache (or its old name past_key_values): an `xLSTMCache` to continue from
+        (always advanced in place; returned when `use_cache`). position_ids are not needed (accepted when they
+        count up by one; packed rows are refused, see `refuse_unsupported_inputs`)."""
+        refuse_unsupported_inputs(position_ids, attention_mask, kwargs)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
@@ -618,9 +677,11 @@ class xLSTMModel(xLSTMPreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
-                raise ValueError(f"input_ids contains id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+            if reads_values(input_ids):
+                outside = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+                if outside.any():
+                    raise ValueError(f"input_ids contains id {input_ids[outside][0].item()}, outside the vocabulary "
+                                     f"[0, {self.config.vocab_size})")
             inputs_embeds = self.embeddings(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), "
@@ -644,7 +705,7 @@ class xLSTMModel(xLSTMPreTrainedModel):
         all_hidden = (hidden,) if output_hidden_states else None
         # A cache that is passed in is read and advanced (its states are handed to the cells, which may
         # update them in place), whether or not it is also returned (use_cache).
-        compiled = T == 1 and cache is not None and mask is None and inference_compiled(self, hidden.device)
+        compiled = T == 1 and cache is not None and mask is None and inference_compiled(self, hidden.device, self.blocks)
         for j, block in enumerate(self.blocks):
             state = cache.states[j] if cache is not None else None
             hidden, new_state = decode_call(compiled, block, hidden, state, mask, cache is not None)
@@ -664,16 +725,31 @@ class xLSTMModel(xLSTMPreTrainedModel):
 
     @staticmethod
     def _padding_mask(attention_mask, batch: int, length: int, past: int) -> torch.Tensor | None:
-        """The (B, T) bool mask of real positions for this call, or None when every position is real.
+        """The (B, T) bool mask of real positions for this call, or None when every position is known to be real.
 
-        Accepts (B, T), or (B, past + T) as `generate()` passes it (the whole sequence so far)."""
+        Accepts (B, T), or (B, past + T) as `generate()` passes it (the whole sequence so far), holding 1 (or
+        True) for real tokens and 0 for padding, as bool, integer or float. Other values are refused where
+        they can be read for free (see `reads_values`): an additive mask (0 = keep, -inf = masked) means the
+        opposite. Elsewhere (tracing, accelerators) the mask is used as given, without a host sync."""
         if attention_mask is None:
             return None
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past + length):
             expected = f"({batch}, {length})" + (f" or ({batch}, {past + length})" if past else "")
             raise ValueError(f"attention_mask must have shape {expected}, got {tuple(attention_mask.shape)}")
-        mask = attention_mask[:, -length:].bool() if length else attention_mask[:, :0].bool()
-        return None if bool(mask.all()) else mask
+        if attention_mask.is_complex():
+            raise ValueError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
+        mask = attention_mask[:, attention_mask.shape[1] - length:]
+        if not reads_values(mask):
+            return mask != 0
+        if attention_mask.dtype != torch.bool:
+            bad = (mask != 0) & (mask != 1)
+            if bad.any():
+                raise ValueError(
+                    f"attention_mask must hold 1 for real tokens and 0 for padding, got the value {mask[bad][0].item()} "
+                    "(an additive mask, 0 = keep and a large negative number = masked, is the opposite: pass "
+                    "`(additive_mask == 0).long()`)")
+        mask = mask != 0
+        return None if mask.all() else mask
 
 
 class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
@@ -719,14 +795,18 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: xLSTMCache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """Logits (soft-capped if `config.logits_soft_cap`) for every position (or the last `logits_to_keep`); with `labels`, the shifted
-        next-token cross-entropy (labels -100 are ignored)."""
+        """Logits (soft-capped if `config.logits_soft_cap`) for every position (or the last `logits_to_keep`);
+        with `labels`, the shifted next-token cross-entropy (labels -100 are ignored; `kwargs` may hold the
+        loss's `num_items_in_batch`, `ignore_index`, `shift_labels`). Other inputs as in `xLSTMModel.forward`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
         outputs = self.backbone(
             input_ids, attention_mask=attention_mask, cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
+            position_ids=position_ids, **kwargs,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -735,11 +815,12 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             hidden = hidden[:, logits_to_keep]
         hidden = hidden.to(self.lm_head.weight.dtype)
         # decoding (one position per row): compiled, one graph per batch size up to matvec_rows
-        compiled = hidden.shape[1] == 1 and hidden.shape[0] <= self.lm_head.matvec_rows and inference_compiled(self, hidden.device)
+        compiled = (hidden.shape[1] == 1 and hidden.shape[0] <= getattr(self.lm_head, "matvec_rows", 0)
+                    and inference_compiled(self, hidden.device, self.lm_head))
         logits = soft_cap(decode_call(compiled, self.lm_head, hidden).float(), self.config.logits_soft_cap)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         if not return_dict:
             out = (logits,) + tuple(v for v in (getattr(outputs, CACHE_NAME), outputs.hidden_states) if v is not None)
             return ((loss,) + out) if loss is not None else out
