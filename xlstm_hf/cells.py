@@ -22,12 +22,14 @@ Conventions shared by all functions:
 - an empty state has C = n = 0 and m = -inf, so the first step sets m_1 = i~_1; this is exactly the
   row-wise stabiliser of the parallel form (and of the official package's `forward`);
 - a stabiliser of -inf (nothing seen yet) is replaced by 0 where it is subtracted, which keeps exp() finite;
-- the computation runs in float32 (float64 if given float64) whatever the input dtype; states are kept in
-  that dtype, outputs take the dtype of v.
+- the computation runs in float32 (float64 if given float64) whatever the input dtype, also under
+  `torch.autocast` (which is turned off inside the cells: it would run their matmuls in bf16); states are
+  kept in that dtype, outputs take the dtype of v.
 
 Signatures follow one pattern: `(inputs..., initial_state=None, output_final_state=False) -> (out, state)`.
 """
 
+import functools
 import math
 
 import torch
@@ -40,6 +42,19 @@ SLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # h,
 def _up(*tensors: torch.Tensor):
     """The tensors in the compute dtype: float32, or float64 when given float64 (used by tests)."""
     return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
+
+
+def float32_compute(cell):
+    """Run `cell` (whose first argument is a tensor) with autocast off on that tensor's device, so that
+    `_up`'s float32 is what its matmuls compute in. Autocast stays on around the cells (the projections)."""
+    @functools.wraps(cell)
+    def wrapper(x, *args, **kwargs):
+        if not torch.is_autocast_enabled(x.device.type):
+            return cell(x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return cell(x, *args, **kwargs)
+
+    return wrapper
 
 
 def _finite(m: torch.Tensor) -> torch.Tensor:
@@ -56,6 +71,7 @@ def mlstm_zero_state(batch: int, heads: int, dk: int, dv: int, device=None, dtyp
     )
 
 
+@float32_compute
 def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, **_):
     """mLSTM over a whole sequence in the quadratic parallel form (no state in or out).
 
@@ -79,6 +95,7 @@ def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, 
     return h.to(out_dtype), None
 
 
+@float32_compute
 def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64, **_):
     """mLSTM over a sequence chunk by chunk: memory linear in T, any T (not only multiples of chunk_size).
 
@@ -126,6 +143,7 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
     return h, ((C, n, m) if output_final_state else None)
 
 
+@float32_compute
 def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6):
     """One mLSTM step (the decode path). q, k: (B, NH, DK); v: (B, NH, DV); i, f: (B, NH).
 
@@ -152,6 +170,7 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6):
     return numerator / normaliser[..., None], (C, n, m_new)
 
 
+@float32_compute
 def mlstm_recurrent(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, **_):
     """mLSTM over a sequence one step at a time (shapes as `mlstm_chunkwise`)."""
     B, NH, _, DK = q.shape
@@ -189,6 +208,7 @@ def slstm_pointwise(raw, c, n, m):
     return h_new, c_new, n_new, m_new
 
 
+@float32_compute
 def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
     """sLSTM over a sequence (paper eqs. 8-17, stabilised as in the official package).
 
