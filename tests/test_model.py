@@ -401,3 +401,49 @@ def test_passed_cache_is_advanced_consistently_even_without_use_cache(model):
         assert out.past_key_values is None and cache.get_seq_length() == 8
         last = model(ids[:, 8:9], past_key_values=cache).logits
     assert rel_err(torch.cat([out.logits, last], 1), full[:, 7:]) < 1e-4
+
+
+@pytest.mark.parametrize("mean_resizing", [False, True])
+def test_resize_token_embeddings(tmp_path, design, mean_resizing):
+    """resize_token_embeddings: old tokens' logits unchanged; new rows of the embedding and the head get the
+    model's own init (normal, small-init std) or transformers' mean init; the head stays our Linear, so the
+    compiled decode path works; the resized model saves and reloads; shrinking keeps the kept rows."""
+    from xlstm_hf.modeling_xlstm import Linear, small_init_std
+
+    model = tiny_model(design=design, compile_inference=True)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    torch.manual_seed(1)
+    model.resize_token_embeddings(160, mean_resizing=mean_resizing)
+    assert model.config.vocab_size == 160 and model.lm_head.weight.shape == (160, 32)
+    assert type(model.lm_head) is Linear and model.lm_head.matvec_rows == 8
+    with torch.no_grad():
+        after = model(ids).logits
+    assert after.shape[-1] == 160
+    torch.testing.assert_close(after[..., :97], before, rtol=0, atol=0)
+    if not mean_resizing:
+        for new_rows in (model.backbone.embeddings.weight[97:], model.lm_head.weight[97:]):
+            assert abs(new_rows.std().item() / small_init_std(32) - 1) < 0.15 and abs(new_rows.mean().item()) < 0.02
+    with torch.no_grad():  # compiled decoding through the resized head, against eager decoding
+        prompt, kwargs = ids[:1, :4], dict(max_new_tokens=5, do_sample=False)
+        compiled = model.generate(prompt, **kwargs)
+        model.config.compile_inference = False
+        assert torch.equal(model.generate(prompt, **kwargs), compiled)
+    model.save_pretrained(tmp_path)
+    reloaded = xLSTMForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, after, rtol=0, atol=0)
+    kept = ids.clamp_max(89)
+    with torch.no_grad():
+        expected = reloaded(kept).logits[..., :90]
+        model.resize_token_embeddings(90)
+        torch.testing.assert_close(model(kept).logits, expected, rtol=0, atol=0)
+
+
+def test_resize_token_embeddings_tied(design):
+    model = tiny_model(design=design, tie_word_embeddings=True)
+    model.resize_token_embeddings(128, mean_resizing=False)
+    assert model.lm_head.weight is model.backbone.embeddings.weight and model.lm_head.weight.shape == (128, 32)
+    with torch.no_grad():
+        model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False)

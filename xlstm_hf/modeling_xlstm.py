@@ -33,7 +33,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .backends import compile_enabled, decode_call, get_ops, linear
 from .configuration_xlstm import xLSTMConfig
-from .hub import xLSTMHubMixin
+
+try:  # model cards and Hub uploads where xlstm_hf is installed; an absolute import, which save_pretrained does
+    # not follow (it copies relative imports only), so checkpoints do not carry the Hub tooling
+    from xlstm_hf.hub import xLSTMHubMixin
+except ImportError:  # remote code without xlstm_hf: transformers' own save_pretrained / push_to_hub
+
+    class xLSTMHubMixin:
+        pass
+
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name
 # still works there, with a deprecation warning). Our forward accepts both; outputs and generate() use the
@@ -624,6 +632,10 @@ class xLSTMPreTrainedModel(xLSTMHubMixin, PreTrainedModel):
             init.normal_(module.weight, std=small_init_std(module.embedding_dim))
         elif isinstance(module, (Linear, GateLinear, HeadwiseLinear, LayerNorm, CausalConv1d, mLSTMLayer, sLSTMLayer)):
             module.reset_parameters()
+        elif type(module) is nn.Linear:  # the LM head that resize_token_embeddings builds: the head's init
+            init.normal_(module.weight, std=small_init_std(module.in_features))
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -775,6 +787,19 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
+
+    def _get_resized_lm_head(self, old_lm_head, new_num_tokens=None, transposed=False, mean_resizing=True):
+        # transformers builds the resized head as a plain nn.Linear (initialised by _init_weights, or from the old
+        # rows' mean with mean_resizing); give it back our Linear, which the compiled decode path calls
+        resized = super()._get_resized_lm_head(old_lm_head, new_num_tokens, transposed, mean_resizing)
+        if resized is old_lm_head or not isinstance(old_lm_head, Linear):
+            return resized
+        with torch.device("meta"):  # no throwaway allocation: the parameters are replaced below
+            head = type(old_lm_head)(resized.in_features, resized.out_features, resized.bias is not None,
+                                     old_lm_head.init_std)
+        head.weight, head.bias = resized.weight, resized.bias
+        head.matvec_rows = old_lm_head.matvec_rows
+        return head
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # Create our cache up front (generate() only creates key/value caches itself), so that chunked
