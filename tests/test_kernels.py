@@ -8,6 +8,8 @@ tensor's largest entry (measured: ~1e-7 outputs, <= 3e-7 gradients).
 
 import os
 
+import warnings
+
 import pytest
 import torch
 from conftest import randomise_, tiny_config
@@ -141,12 +143,38 @@ def test_backend_registry(monkeypatch):
     assert backends.get_ops("torch", cpu)["slstm"] is cells.slstm_recurrent
     with pytest.raises(ValueError, match="kernel_backend must be one of"):
         backends.resolve_backend("cuda-magic", cpu)
+    monkeypatch.setattr(backends, "_said", set())
     monkeypatch.setenv("XLSTM_KERNEL_BACKEND", "torch")
-    assert backends.resolve_backend("triton", cpu) == "torch"  # the environment wins
+    with pytest.warns(UserWarning, match=r"XLSTM_KERNEL_BACKEND=torch overrides the config's setting \('triton'\)"):
+        assert backends.resolve_backend("triton", cpu) == "torch"  # the environment wins, and says so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ... once
+        assert backends.resolve_backend("triton", cpu) == "torch"
     monkeypatch.delenv("XLSTM_KERNEL_BACKEND")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         backends.resolve_backend("triton", cpu)
+    # without Triton: "triton" is an ImportError; "auto" on CUDA tensors falls back to PyTorch with a warning, once
+    monkeypatch.setattr(backends, "triton_available", lambda: False)
+    with pytest.raises(ImportError, match="needs the `triton` package"):
+        backends.resolve_backend("triton", cpu)
+    cuda = torch.device("cuda")
+    with pytest.warns(UserWarning, match="runs the PyTorch reference cells on CUDA"):
+        assert backends.resolve_backend("auto", cuda) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve_backend("auto", cuda) == "torch"
+        assert backends.resolve_backend("auto", cpu) == "torch"  # no warning for CPU tensors
+
+
+def test_compile_env_override_says_so_once(monkeypatch):
+    monkeypatch.setattr(backends, "_said", set())
+    monkeypatch.setenv(backends.COMPILE_ENV_VAR, "0")
+    with pytest.warns(UserWarning, match=r"XLSTM_COMPILE=0 overrides the config's setting \(True\)"):
+        assert not backends.compile_enabled(True, torch.device("cpu"), 1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not backends.compile_enabled(True, torch.device("cpu"), 1024)
 
 
 def test_model_on_triton_backend_equals_torch(design):

@@ -1,10 +1,11 @@
 """Kernel backends: which implementation of each cell the model calls (name -> functions).
 
-`config.kernel_backend`, overridden by the environment variable `XLSTM_KERNEL_BACKEND`, is one of
+`config.kernel_backend`, overridden by the environment variable `XLSTM_KERNEL_BACKEND` (which says so once), is one of
 - "torch": the PyTorch reference in `cells.py`, on any device;
 - "triton": the fused kernels in `xlstm_hf.kernels`, for CUDA tensors (or for CPU tensors under Triton's
   interpreter, `TRITON_INTERPRET=1`, which is how they are tested without a GPU);
-- "auto" (default): "triton" for CUDA tensors when Triton is importable, "torch" otherwise.
+- "auto" (default): "triton" for CUDA tensors when Triton is importable (else "torch", with a warning once),
+  "torch" for other tensors.
 
 Every backend provides the same operations with the reference's signatures: "mlstm_chunkwise",
 "mlstm_parallel", "mlstm_step" and "slstm". A backend without its own version of an operation uses the
@@ -21,6 +22,7 @@ import functools
 import importlib.util
 import inspect
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,22 @@ TORCH_OPS = {
 
 
 _compile_failed = False  # set by the first failed compile: everything runs eagerly from then on
+_said: set = set()  # the warnings already given (each is given once per process)
+
+
+def warn_once(message: str) -> None:
+    """`warnings.warn(message)` the first time this process sees `message`."""
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _env_override(var: str, setting) -> str | None:
+    """The value of environment variable `var` if set; says once that it overrides the config's `setting`."""
+    value = os.environ.get(var)
+    if value:
+        warn_once(f"{var}={value} overrides the config's setting ({setting!r})")
+    return value or None
 
 
 @functools.cache
@@ -53,7 +71,7 @@ def triton_ops() -> dict:
         from xlstm_hf.kernels.mlstm_step import mlstm_step_triton
         from xlstm_hf.kernels.slstm import slstm_recurrent_triton
     except ImportError as error:
-        raise ValueError("kernel_backend='triton' needs the xlstm_hf package and triton (pip install xlstm-hf[triton])") from error
+        raise ImportError(f"kernel_backend='triton' needs the xlstm_hf package and triton ({error})") from error
 
     return {
         "mlstm_chunkwise": mlstm_chunkwise_triton,
@@ -75,14 +93,20 @@ def triton_available() -> bool:
 def resolve_backend(name: str, device: torch.device) -> str:
     """The backend ("torch" or "triton") that `name` means for tensors on `device`; clear errors for
     a backend that cannot run there."""
-    name = os.environ.get(ENV_VAR) or name
+    name = _env_override(ENV_VAR, name) or name
     if name not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {name!r}")
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        if triton_available():
+            return "triton"
+        warn_once("kernel_backend='auto' runs the PyTorch reference cells on CUDA: Triton or xlstm_hf's kernels are "
+                  "not importable (pip install triton); the fused kernels are much faster")
+        return "torch"
     if name == "triton":
         if not triton_available():
-            raise ValueError("kernel_backend='triton' needs the `triton` package (pip install triton) and xlstm_hf's kernels")
+            raise ImportError("kernel_backend='triton' needs the `triton` package (pip install triton) and xlstm_hf's kernels")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"kernel_backend='triton' runs on CUDA tensors, got {device.type} tensors "
@@ -134,9 +158,9 @@ def compile_enabled(setting, device: torch.device, hidden_size: int) -> bool:
     False or "auto" (CPU tensors and a model at least `AUTO_COMPILE_MIN_WIDTH` wide, where reading the
     weights dominates a token's cost; a small model is not worth the one-time compile). The environment
     variable `XLSTM_COMPILE` (0 or 1) overrides it; a failed compile turns it off for the process."""
-    env = os.environ.get(COMPILE_ENV_VAR)
+    env = _env_override(COMPILE_ENV_VAR, setting)
     if env is not None:
-        setting = env.strip().lower() not in ("0", "false", "no", "off", "")
+        setting = env.strip().lower() not in ("0", "false", "no", "off")
     if setting == "auto":
         setting = device.type == "cpu" and hidden_size >= AUTO_COMPILE_MIN_WIDTH
     return bool(setting) and not _compile_failed and not torch.compiler.is_compiling()
@@ -159,8 +183,6 @@ def safely_compiled(fn):
             try:
                 return compiled(*args)
             except Exception as error:  # the eager function computes the same thing
-                import warnings
-
                 _compile_failed = True
                 warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); running eagerly", stacklevel=2)
         return fn(*args)
