@@ -447,3 +447,36 @@ def test_resize_token_embeddings_tied(design):
     assert model.lm_head.weight is model.backbone.embeddings.weight and model.lm_head.weight.shape == (128, 32)
     with torch.no_grad():
         model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False)
+
+
+@pytest.mark.parametrize("bias_init", ["powerlaw_blockdependent", "small_init", "zeros"])
+def test_slstm_bias_init_equals_official(bias_init):
+    """The deterministic sLSTM bias inits against the official package's own cell (its external layout
+    (NH, 4 gates i/f/z/o, DH), as ours): a forget-gate bias written to another gate slot fails here."""
+    from xlstm.blocks.slstm.cell import sLSTMCell_vanilla, sLSTMCellConfig
+
+    num_blocks, slstm_at, heads, width = 5, [1, 3], 2, 32
+    model = xLSTMForCausalLM(tiny_config(num_blocks=num_blocks, slstm_at=slstm_at, slstm_num_heads=heads,
+                                         slstm_bias_init=bias_init))
+    for j in slstm_at:
+        torch.manual_seed(0)
+        official = sLSTMCell_vanilla(sLSTMCellConfig(hidden_size=width, num_heads=heads, backend="vanilla",
+                                                     bias_init=bias_init, _block_idx=j, _num_blocks=num_blocks))
+        official.reset_parameters()
+        expected = official._bias_int2ext(official._bias_.data)
+        assert expected.shape == (heads, 4, width // heads)
+        torch.testing.assert_close(model.backbone.blocks[j].slstm.bias.data, expected, rtol=0, atol=1e-6)
+    if bias_init != "zeros":
+        assert model.backbone.blocks[slstm_at[0]].slstm.bias[:, 1].abs().min() > 0  # the forget gate's slot
+
+
+@pytest.mark.parametrize("name", ["gelu", "relu", "relu^2", "sigmoid", "swish", "selu"])
+def test_feedforward_activations_equal_official(name):
+    from xlstm.components.feedforward import get_act_fn
+
+    from xlstm_hf.configuration_xlstm import FFN_ACTIVATIONS
+    from xlstm_hf.modeling_xlstm import activation
+
+    assert name in FFN_ACTIVATIONS
+    x = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    torch.testing.assert_close(activation(name)(x), get_act_fn(name)(x), rtol=1e-12, atol=1e-12)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -439,14 +440,10 @@ class sLSTMLayer(nn.Module):
         return y, {"conv": window, **dict(zip("hcnm", cell_state))}
 
 
-ACT_FNS = {
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "relu^2": lambda x: F.relu(x).square(),
-    "sigmoid": torch.sigmoid,
-    "swish": F.silu,
-    "selu": F.selu,
-}
+def activation(name: str) -> nn.Module:
+    """The feed-forward activation of the official name `name` (config.FFN_ACTIVATIONS): transformers'
+    ACT2FN under its name there ("relu^2" is its "relu2"), plus SELU, which ACT2FN lacks."""
+    return nn.SELU() if name == "selu" else ACT2FN["relu2" if name == "relu^2" else name]
 
 
 class GatedFeedForward(nn.Module):
@@ -457,7 +454,7 @@ class GatedFeedForward(nn.Module):
         H, Fd = config.hidden_size, config.ffn_dim
         self.up_proj = Linear(H, 2 * Fd, config.ffn_use_bias, small_init_std(H))  # [gate | up]
         self.down_proj = Linear(Fd, H, config.ffn_use_bias, wang_init_std(H, config.num_blocks))
-        self.act = ACT_FNS[config.ffn_act_fn]
+        self.act = activation(config.ffn_act_fn)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
