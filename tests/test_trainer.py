@@ -6,6 +6,7 @@ model with a 50304-row embedding) and a slice of the bundled Shakespeare text; t
 run on one thread: for models this small, a second thread only adds synchronisation.
 """
 
+import io
 import json
 import math
 
@@ -151,6 +152,37 @@ def test_text_dataset_errors(tmp_path, tokenizer, text_file):
         text_dataset(text_file, tokenizer, 32, eval_fraction=1.0)
 
 
+def test_text_dataset_over_more_files_than_a_map_batch(tmp_path, tokenizer):
+    """1,201 small files (datasets' map works in batches of 1,000 rows by default): the blocks are those of the
+    whole concatenated stream, none lost at a batch boundary."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    texts = [f"Line {i}: {'to be or not ' * (i % 5)}" for i in range(1201)]
+    for i, text in enumerate(texts):
+        (folder / f"{i:05d}.txt").write_text(text, encoding="utf-8")
+    stream = []
+    for text in texts:
+        stream += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    data = text_dataset(folder, tokenizer, block_size=7, eval_fraction=0.0)
+    assert len(data["train"]) == len(stream) // 7
+    assert sum(data["train"]["input_ids"], []) == stream[: len(stream) // 7 * 7]
+
+
+def test_text_dataset_errors_come_before_progress_bars(tmp_path, tokenizer, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="no text to train on"):
+        text_dataset([empty, empty], tokenizer, 32)
+    assert capsys.readouterr().err == ""  # no "tokenising: 100%" before the error
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.", encoding="utf-8")
+    for block_size, eval_fraction, message in [(32, 0.1, "fewer than one block"), (8, 0.1, "too few to hold out")]:
+        with pytest.raises(ValueError, match=message):
+            text_dataset(short, tokenizer, block_size, eval_fraction=eval_fraction)
+        assert "grouping into blocks" not in capsys.readouterr().err  # the tokenising did run; the grouping not
+
+
 def test_check_vocab(tokenizer):
     check_vocab(tokenizer, tiny_config(**REAL_VOCAB))  # 50257 tokens fit in 50304 rows
     with pytest.raises(ValueError, match=r"50257 tokens .* only 97"):
@@ -190,6 +222,30 @@ def test_train_on_text_loss_falls_and_perplexity_improves(text_file, tokenizer, 
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert loss == pytest.approx(result.eval_loss_after, abs=1e-4)
+
+
+class LogHistoryAtTrainEnd(TrainerCallback):
+    def __init__(self):
+        self.history = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.history = list(state.log_history)
+
+
+def test_train_evaluates_on_start_without_pin_memory_warnings(text_file, tokenizer, tmp_path, recwarn):
+    """The evaluation before training is Trainer's own (eval_on_start), so it is in the log history; and on a
+    CPU the Trainer gets no pin_memory setting it would warn about."""
+    recorder = LogHistoryAtTrainEnd()
+    printed = io.StringIO()
+    result = train(text_file, tmp_path / "out", real_vocab_model(), tokenizer, block_size=32, max_steps=2,
+                   batch_size=4, eval_steps=2, eval_fraction=0.05, progress=False, out=printed, callbacks=[recorder])
+    evaluations = [entry for entry in recorder.history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [0, 2]
+    assert result.eval_losses == [(0, evaluations[0]["eval_loss"]), (2, evaluations[1]["eval_loss"])]
+    assert result.eval_loss_before == evaluations[0]["eval_loss"]
+    assert f"validation loss before training: {result.eval_loss_before:.3f}" in printed.getvalue()
+    if not torch.cuda.is_available():
+        assert not [str(w.message) for w in recwarn if "pin_memory" in str(w.message)]
 
 
 def test_train_with_bf16_autocast_on_cpu(text_file, tokenizer, tmp_path):
@@ -397,7 +453,10 @@ def test_train_resumes_from_its_own_checkpoints(text_file, tmp_path):
     counter = StepCounter()
     resumed = train(text_file, tmp_path / "resumed", resume_from_checkpoint=True, callbacks=[counter], **kwargs)
     assert counter.steps == [4, 5, 6]  # continued from checkpoint-3 (a fresh start would reach the same weights)
-    assert resumed.steps == 6 and resumed.eval_loss_before is None  # no "before": the run started earlier
+    assert resumed.steps == 6
+    # not evaluated again before the resumed steps: the "before" is the first run's, from the checkpoint's log
+    assert resumed.eval_loss_before == straight.eval_loss_before and resumed.eval_losses[0][0] == 0
+    assert [step for step, _ in resumed.eval_losses].count(0) == 1
     final = load_file(tmp_path / "resumed" / "model.safetensors")
     expected = load_file(tmp_path / "straight" / "model.safetensors")
     assert max_diff(expected, interrupted) > 1e-3
@@ -520,27 +579,43 @@ def test_train_command_bad_input_exits_2(tmp_path, capsys, text_file):
     tiny_model().save_pretrained(small_vocab)
     capsys.readouterr()
     out = str(tmp_path / "out")
+    # (arguments, message, whether stderr is that one line: no progress bar of work done before the error)
     cases = [
-        ([str(tmp_path / "missing.txt")], "no such file or folder"),
-        ([str(tmp_path / "no_text")], "no .txt files"),
-        ([str(empty), "--config-overrides", tiny], "empty"),
-        ([str(text_file), "--block-size", "100000", "--config-overrides", tiny], "fewer than one block"),
+        ([str(tmp_path / "missing.txt")], "no such file or folder", True),
+        ([str(tmp_path / "no_text")], "no .txt files", True),
+        ([str(empty), "--config-overrides", tiny], "empty", True),
+        ([str(text_file), "--block-size", "100000", "--config-overrides", tiny], "fewer than one block", False),
         ([str(text_file), "--config-overrides", json.dumps({**TINY_OVERRIDES, "vocab_size": 1000})],
-         "50257 tokens but the model's vocabulary (config.vocab_size) has only 1000"),
+         "50257 tokens but the model's vocabulary (config.vocab_size) has only 1000", True),
         ([str(text_file), "--model", str(small_vocab)],
-         "50257 tokens but the model's vocabulary (config.vocab_size) has only 97"),
-        ([str(text_file), "--model", str(tmp_path / "no-model")], "no model folder"),
-        ([str(text_file), "--config-overrides", "{hidden_size: 32}"], "not valid JSON"),
-        ([str(text_file), "--config-overrides", "[1, 2]"], "must be a JSON object"),
-        ([str(text_file), "--max-steps", "0", "--config-overrides", tiny], "max_steps must be at least 1"),
+         "50257 tokens but the model's vocabulary (config.vocab_size) has only 97", False),
+        ([str(text_file), "--model", str(tmp_path / "no-model")], "no model folder", True),
+        ([str(text_file), "--config-overrides", "{hidden_size: 32}"], "not valid JSON", True),
+        ([str(text_file), "--config-overrides", "[1, 2]"], "must be a JSON object", True),
+        ([str(text_file), "--max-steps", "0", "--config-overrides", tiny], "--max-steps must be at least 1", True),
     ]
-    for args, message in cases:
+    for args, message, alone in cases:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["train", *args, "--output-dir", out])
         assert exit_info.value.code == 2, args
-        last_line = capsys.readouterr().err.strip().split("\n")[-1]  # after any progress bars
+        err = capsys.readouterr().err
+        last_line = err.strip().split("\n")[-1]  # after the progress bars of work done before the error
         assert last_line.startswith("xlstm-hf train: error:") and message in last_line, (args, last_line)
+        if alone:
+            assert err == last_line + "\n", (args, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_train_command_truncated_model_exits_2(tmp_path, capsys, text_file):
+    model = tmp_path / "model"
+    real_vocab_model().save_pretrained(model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", str(text_file), "--model", str(model), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().split("\n")[-1]
+    assert last_line.startswith(f"xlstm-hf train: error: cannot read the weights in {weights}: the file is truncated")
 
 
 @pytest.mark.slow

@@ -6,7 +6,9 @@
 or `xlstm-hf demo` on the command line. Every step is the ordinary Hugging Face flow: an `xLSTMConfig`,
 `xLSTMForCausalLM`, `save_pretrained`, `AutoModelForCausalLM.from_pretrained`, `generate` with a
 `TextStreamer`. The training loop is plain PyTorch (AdamW, linear warmup then cosine decay, gradient
-clipping) and runs for a wall-clock budget, so it fits any machine.
+clipping) and runs for a wall-clock budget, so it fits any machine: the schedule is laid over the number of
+steps the budget allows at the pace measured so far, and a machine too slow for a useful result in the
+budget is told so, with a budget that would do.
 
 Cost: with the GPT-2 vocabulary the LM head (256 x 50304) and its softmax take ~80% of a training step
 on a CPU, whatever the batch shape, so throughput is ~650 tokens/s on 2 cores. For a fixed time budget,
@@ -28,6 +30,7 @@ from typing import TextIO
 
 import torch
 import torch.nn.functional as F
+from transformers import TextStreamer
 
 from .configuration_xlstm import xLSTMConfig
 from .modeling_xlstm import xLSTMForCausalLM
@@ -51,6 +54,13 @@ DEMO_MODEL = dict(
 )
 
 DEFAULT_PROMPT = "HAMLET:\n"
+
+#: Training steps the demo needs before its samples look like Shakespeare rather than noise (it takes the
+#: validation loss from 11.0 to ~5.2 in 248 steps); a time budget that fits fewer gets a note saying so.
+USEFUL_STEPS = 200
+
+#: The clock of the time budget (a module attribute, so that tests can run a "slow machine" instantly).
+clock = time.perf_counter
 
 
 @dataclass
@@ -130,27 +140,58 @@ def evaluate(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 16,
     return total / count
 
 
-def lr_at(progress: float, step: int, lr: float, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
-    """Linear warmup over `warmup_steps` steps, then cosine decay to `min_lr_ratio * lr` as `progress`
-    (the fraction of the budget used) goes from 0 to 1."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+def lr_at(step: int, total_steps: float, lr: float, warmup_steps: int, warmup_fraction: float = 0.1,
+          min_lr_ratio: float = 0.1) -> float:
+    """The learning rate of step `step` (from 0) of a run of `total_steps` steps: a linear warmup over the
+    first `warmup_steps` steps, but over no more than `warmup_fraction` of the run (and at least one step),
+    then a cosine decay that reaches `min_lr_ratio * lr` at the last step. `total_steps` may be an estimate
+    (a float; `math.inf` while unknown)."""
+    warmup = max(1, round(min(warmup_steps, warmup_fraction * total_steps)))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min((step - warmup) / max(total_steps - warmup - 1, 1), 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * cosine)
 
 
+def planned_steps(step: int, elapsed: float, budget_s: float | None, max_steps: int | None) -> float:
+    """The number of steps the run will take: `max_steps`, or, with a time budget of `budget_s` seconds, the
+    steps that fit in it at the pace of the `step` steps done in `elapsed` seconds (`math.inf` before the
+    first step), capped by `max_steps`."""
+    if budget_s is None:
+        return max_steps
+    fit = budget_s * step / elapsed if step and elapsed > 0 else math.inf
+    return fit if max_steps is None else min(fit, max_steps)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch.device (default: cuda when available, else cpu). Raises ValueError for a name
+    torch does not know and for a GPU this machine does not have."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {str(device)!r} ({str(error).splitlines()[0]})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: torch finds no CUDA GPU on this machine")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: torch finds no Apple GPU (MPS) on this machine")
+    return resolved
+
+
+def useful_minutes(steps: int, minutes: float) -> int:
+    """The whole minutes in which this machine, having run `steps` steps in `minutes`, would run `USEFUL_STEPS`."""
+    return math.ceil(minutes * USEFUL_STEPS / max(steps, 1))
 
 
 def train(model, train_ids: torch.Tensor, *, minutes: float | None, max_steps: int | None, batch_size: int,
           seq_len: int, lr: float, warmup_steps: int, weight_decay: float, grad_clip: float, seed: int,
           device: torch.device, progress: bool = True) -> tuple[int, int, float]:
     """The training loop. Stops when the wall-clock budget (`minutes`) or `max_steps` is used up, whichever
-    comes first; the cosine schedule follows whichever budget is further along. Returns
-    (steps, tokens seen, seconds)."""
+    comes first. The schedule (`lr_at`) spans the steps the run will take: `max_steps`, or as many as the
+    time budget allows at the pace so far (`planned_steps`, re-estimated every step), so a slow machine
+    still gets a short warmup and a full decay. Returns (steps, tokens seen, seconds)."""
     from tqdm.auto import tqdm
 
     if minutes is None and max_steps is None:
@@ -173,16 +214,13 @@ def train(model, train_ids: torch.Tensor, *, minutes: float | None, max_steps: i
     model.train()
     step = tokens = 0
     smoothed = None
-    start = time.perf_counter()
+    elapsed = 0.0
+    start = clock()
     try:
-        while True:
-            elapsed = time.perf_counter() - start
-            fractions = ([elapsed / budget_s] if budget_s else []) + ([step / max_steps] if max_steps else [])
-            frac = max(fractions)
-            if frac >= 1.0:
-                break
+        while (budget_s is None or elapsed < budget_s) and (max_steps is None or step < max_steps):
+            rate = lr_at(step, planned_steps(step, elapsed, budget_s, max_steps), lr, warmup_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(frac, step, lr, warmup_steps)
+                group["lr"] = rate
             batch = random_batch(train_ids, batch_size, seq_len, generator).to(device)
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             optimizer.zero_grad(set_to_none=True)
@@ -193,15 +231,27 @@ def train(model, train_ids: torch.Tensor, *, minutes: float | None, max_steps: i
             tokens += batch_size * seq_len
             loss_value = loss.item()
             smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             bar.n = step if by_steps else min(elapsed, budget_s)
             bar.set_postfix_str(
-                f"step {step}, loss {smoothed:.3f}, {tokens / elapsed:,.0f} tok/s, lr {optimizer.param_groups[0]['lr']:.1e}",
+                f"step {step}, loss {smoothed:.3f}, {tokens / max(elapsed, 1e-9):,.0f} tok/s, "
+                f"lr {optimizer.param_groups[0]['lr']:.1e}",
                 refresh=True,
             )
     finally:
         bar.close()
-    return step, tokens, time.perf_counter() - start
+    return step, tokens, elapsed
+
+
+class PrintStreamer(TextStreamer):
+    """`TextStreamer` that prints to `out` (default: the current `sys.stdout`) instead of always to stdout."""
+
+    def __init__(self, tokenizer, out: TextIO | None = None, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        print(text, flush=True, end="" if not stream_end else None, file=self.out or sys.stdout)
 
 
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 200, do_sample: bool = True,
@@ -209,18 +259,11 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 200, d
                   out: TextIO | None = None) -> str:
     """Continue `prompt`; with `stream`, the text (prompt first) is printed to `out` as it is generated
     (by a `TextStreamer`). Returns the continuation (without the prompt)."""
-    from transformers import TextStreamer
-
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     if inputs["input_ids"].shape[1] == 0:
         raise ValueError("the prompt is empty")
-    streamer = None
-    if stream:
-        streamer = TextStreamer(tokenizer)
-        if out is not None and out is not sys.stdout:  # TextStreamer prints to stdout; redirect if asked
-            streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n",
-                                                                              file=out, flush=True)
+    streamer = PrintStreamer(tokenizer, out) if stream else None
     torch.manual_seed(seed)
     kwargs = dict(do_sample=True, temperature=temperature, top_k=top_k) if do_sample else dict(do_sample=False)
     with torch.no_grad():
@@ -276,7 +319,7 @@ def run_demo(
     train_ids, valid_ids = split_tokens(load_corpus(tokenizer), valid_fraction)
     config = demo_config(**(model_overrides or {}))
     model = xLSTMForCausalLM(config).to(device)
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = model.num_parameters()
     budget = " and ".join(([f"{minutes:g} min"] if minutes is not None else []) +
                           ([f"{max_steps} steps"] if max_steps is not None else []))
     say(f"xLSTM demo: {config.layout} with {config.num_blocks} blocks (sLSTM at {config.slstm_at}), hidden "
@@ -297,6 +340,12 @@ def run_demo(
     say(f"trained {steps} steps ({tokens_seen:,} tokens) in {seconds:.0f} s, "
         f"{tokens_seen / max(seconds, 1e-9):,.0f} tokens/s")
     say(f"validation loss after training: {val_after:.3f} (perplexity {math.exp(val_after):,.1f})")
+    # the time budget (not max_steps) ended the run before the model could learn much: say so before the sample
+    too_slow = minutes is not None and (max_steps is None or steps < max_steps) and steps < USEFUL_STEPS
+    if too_slow:
+        say(f"note: only {steps} training steps fit in {minutes:g} min on this machine; the demo needs about "
+            f"{USEFUL_STEPS} before its text looks like Shakespeare, so expect noise below. "
+            f"Try `xlstm-hf demo --minutes {useful_minutes(steps, minutes)}`.")
 
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -324,8 +373,13 @@ def run_demo(
     say(f"  validation  loss {val_before:.3f} -> {val_after:.3f}, perplexity {result.val_ppl_before:,.0f} -> "
         f"{result.val_ppl_after:,.1f}")
     say(f"  saved to    {output_dir.resolve()}")
-    say(f"  try         xlstm-hf generate --model {output_dir} --prompt 'ROMEO:'")
+    if too_slow:
+        say(f"  try         xlstm-hf demo --minutes {useful_minutes(steps, minutes)} "
+            f"(only {steps} steps fit in {minutes:g} min here)")
+    else:
+        say(f"  try         xlstm-hf generate --model {output_dir} --prompt 'ROMEO:'")
     return result
 
 
-__all__ = ["DemoResult", "demo_config", "evaluate", "generate_text", "load_corpus", "run_demo", "split_tokens"]
+__all__ = ["DemoResult", "PrintStreamer", "demo_config", "evaluate", "generate_text", "load_corpus", "lr_at",
+           "planned_steps", "run_demo", "split_tokens"]

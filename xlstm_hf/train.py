@@ -12,7 +12,7 @@ or `xlstm-hf train my_texts/ --output-dir xlstm-finetuned` on the command line.
 end-of-text token; all documents are concatenated and cut into blocks of `block_size` tokens (the tail
 that does not fill a block is dropped); a seeded random `eval_fraction` of the blocks is held out.
 `train` is a thin wrapper around `transformers.Trainer` / `TrainingArguments`: it evaluates before
-training, every `eval_steps` during it and at the end, and saves the final model and its tokenizer to
+training (`eval_on_start`), every `eval_steps` during it and at the end, and saves the final model and its tokenizer to
 `output_dir`. Everything is local; nothing is downloaded.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .tokenization import load_gpt2_tokenizer
 
@@ -95,7 +95,11 @@ def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, 
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     files = text_files(paths)
-    documents = Dataset.from_dict({"text": [_read_text(path) for path in files]})
+    texts = [_read_text(path) for path in files]
+    names = ", ".join(str(path) for path in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    if not any(texts):  # said before any progress bar
+        raise ValueError(f"no text to train on: {names} {'is' if len(files) == 1 else 'are'} empty")
+    documents = Dataset.from_dict({"text": texts})
     # `map` would otherwise fingerprint its functions by pickling them, tokenizer included (~1 s); these
     # in-memory datasets are never cached, so a fingerprint of the inputs is all it needs.
     key = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
@@ -123,22 +127,25 @@ def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, 
     finally:
         tokenizer_logger.setLevel(level)
     num_tokens = sum(len(ids) for ids in tokenized["input_ids"])
-    names = ", ".join(str(path) for path in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     if num_tokens == 0:
         raise ValueError(f"no text to train on: {names} {'is' if len(files) == 1 else 'are'} empty")
-    # One map call over all documents (batch_size=None), so only the very last partial block is dropped.
-    blocks = tokenized.map(group_texts, batched=True, batch_size=None, desc=f"grouping into blocks of {block_size}",
-                           new_fingerprint=f"{fingerprint}-blocks")
-    if len(blocks) == 0:
+    # The block count is known from the token count: too little text is said before the grouping runs.
+    num_blocks = num_tokens // block_size
+    if num_blocks == 0:
         raise ValueError(f"{names}: {num_tokens} tokens are fewer than one block of {block_size} tokens; "
                          f"use more text or a smaller block size")
-    if eval_fraction == 0:
-        return DatasetDict(train=blocks, validation=blocks.select([]))
-    num_eval = max(1, round(len(blocks) * eval_fraction))
-    if num_eval >= len(blocks):
-        raise ValueError(f"{names}: {num_tokens} tokens make only {len(blocks)} block(s) of {block_size}, too few to "
+    num_eval = max(1, round(num_blocks * eval_fraction)) if eval_fraction > 0 else 0
+    if num_eval >= num_blocks:
+        raise ValueError(f"{names}: {num_tokens} tokens make only {num_blocks} block(s) of {block_size}, too few to "
                          f"hold out {eval_fraction:.0%} for validation; use more text, a smaller block size or "
                          f"eval_fraction=0")
+    # One map call over all documents (batch_size=None; map's default would group each 1,000 documents on
+    # their own and drop a partial block at every such batch's end), so only the very last partial block is
+    # dropped.
+    blocks = tokenized.map(group_texts, batched=True, batch_size=None, desc=f"grouping into blocks of {block_size}",
+                           new_fingerprint=f"{fingerprint}-blocks")
+    if num_eval == 0:
+        return DatasetDict(train=blocks, validation=blocks.select([]))
     split = blocks.train_test_split(test_size=num_eval, shuffle=True, seed=seed)
     return DatasetDict(train=split["train"], validation=split["test"])
 
@@ -160,6 +167,22 @@ class MatrixDecayTrainer(Trainer):
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [name for name, p in model.named_parameters() if p.dim() >= 2]
+
+
+class _SayEvalBeforeTraining(TrainerCallback):
+    """Prints the validation loss of the evaluation that `eval_on_start` runs before the first step."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step == 0 and metrics and "eval_loss" in metrics:
+            from tqdm.auto import tqdm
+
+            loss = metrics["eval_loss"]
+            # tqdm.write: the line goes above the progress bar that is already showing
+            tqdm.write(f"validation loss before training: {loss:.3f} (perplexity {format_perplexity(loss)})",
+                       file=self.out)
 
 
 @dataclass
@@ -292,7 +315,7 @@ def train(
     eval_steps: evaluate every N steps (a float < 1 is a fraction of the run; default 0.2, five times).
     save_steps: also write resumable checkpoints (`output_dir/checkpoint-N`) every N steps.
     resume_from_checkpoint: a checkpoint folder (or True for the latest in `output_dir`) to continue from;
-        the "before" evaluation is then skipped.
+        the evaluation before training is not run again (the checkpoint's log history holds the first run's).
     training_args: further `TrainingArguments` fields (they override the ones set here).
     progress: Trainer's progress bars and log lines; `out`: where the summary lines go (default stdout).
 
@@ -326,7 +349,7 @@ def train(
     if len(train_data) == 0:
         raise ValueError("the training split is empty")
     block = len(train_data[0]["input_ids"])
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = model.num_parameters()
     use_cache = getattr(model.config, "use_cache", None)
 
     args = dict(
@@ -349,6 +372,7 @@ def train(
         logging_steps=logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if eval_data is not None else "no",
+        eval_on_start=eval_data is not None and not resume_from_checkpoint,
         eval_steps=(eval_steps if eval_steps is not None else 0.2) if eval_data is not None else None,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
@@ -363,7 +387,7 @@ def train(
         eval_dataset=eval_data,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), _SayEvalBeforeTraining(out)],
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # the log lines that replace the progress bar
@@ -374,21 +398,14 @@ def train(
     say(f"data: {len(train_data):,} training / {len(eval_data) if eval_data is not None else 0:,} validation blocks "
         f"of {block} tokens; batches of {batch_size} x {grad_accum} (accumulated) blocks per step")
 
-    eval_before = None
-    if eval_data is not None and not resume_from_checkpoint:
-        eval_before = trainer.evaluate()["eval_loss"]
-        say(f"validation loss before training: {eval_before:.3f} (perplexity {format_perplexity(eval_before)})")
-
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     seconds = time.perf_counter() - start
     state = trainer.state
     history = state.log_history
     train_losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-    # trainer.train() starts a new log history, without the evaluation before training
-    eval_losses = ([(0, eval_before)] if eval_before is not None else []) + [
-        (entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry
-    ]
+    eval_losses = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
+    eval_before = eval_losses[0][1] if eval_losses and eval_losses[0][0] == 0 else None  # from eval_on_start
 
     eval_after = None
     if eval_data is not None:
