@@ -34,18 +34,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.errors import StrictDataclassError
 
 from xlstm_hf import xLSTMConfig, xLSTMForCausalLM
+from xlstm_hf.configuration_xlstm import round_up_dim
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +137,13 @@ def detect_format(src: str | Path, strict: bool = True) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _their_ffn_dim(hidden: int, factor: float, multiple_of: int) -> int:
-    """The feed-forward width as xlstm_large and transformers compute it: (x + m - 1) // m * m of the float
-    x = hidden * factor. It equals our ceil(x / m) * m unless x lies less than 1 above a multiple of m."""
-    return int((hidden * factor + multiple_of - 1) // multiple_of * multiple_of)
+def their_widths(hidden: int, qk_factor: float, v_factor: float, ffn_factor: float,
+                 ffn_round: int) -> tuple[int, int, int]:
+    """The q/k, v and feed-forward widths as transformers' xLSTM and xlstm_large compute them: q/k and v
+    truncate hidden * factor (`int()`); the feed-forward takes (x + m - 1) // m * m of the float
+    x = hidden * factor, which is below our ceil(x / m) * m when x lies less than 1 above a multiple of m."""
+    ffn = int((hidden * ffn_factor + ffn_round - 1) // ffn_round * ffn_round)
+    return int(hidden * qk_factor), int(hidden * v_factor), ffn
 
 
 def _large_config(where: str, names: dict[str, str], *, hidden: int, heads: int, blocks: int, vocab: int,
@@ -143,14 +151,17 @@ def _large_config(where: str, names: dict[str, str], *, hidden: int, heads: int,
                   ffn_round: int, gate_cap, logits_cap, eps: float, chunk_size: int, out_norm: bool,
                   token_ids: tuple, use_cache: bool = True) -> xLSTMConfig:
     """Our large-design config for a source's hyperparameters; `names` maps ours to the source's field names
-    (for messages). Checks that our widths equal the source's: the sources truncate H * factor for q/k and v
-    (`int()`), we round up (to a multiple of `mlstm_round_up_to`, 1 here)."""
-    for name, factor in (("qk_dim_factor", qk_factor), ("v_dim_factor", v_factor)):
-        width = hidden * factor
-        if int(width) != math.ceil(width):
-            raise ValueError(f"{where}: {names.get(name, name)}={factor} gives a width of {width} for hidden size "
-                             f"{hidden}, which the source truncates to {int(width)} and xlstm_hf would round up to "
-                             f"{math.ceil(width)}; only whole widths can be converted")
+    (for messages). The widths are the source's (`their_widths`): where our rounding rule (q/k and v rounded
+    up to a multiple of `mlstm_round_up_to`, 1 here) gives another, the config states the width explicitly
+    (`mlstm_qk_dim_override`, `mlstm_v_dim_override`, `ffn_dim_override`)."""
+    try:
+        qk, v, ffn = their_widths(hidden, qk_factor, v_factor, ffn_factor, ffn_round)
+    except (TypeError, ZeroDivisionError):  # not a positive number; the config below names the field
+        qk = v = ffn = None
+    ours = {"mlstm_qk_dim_override": (qk_factor, 1, qk), "mlstm_v_dim_override": (v_factor, 1, v),
+            "ffn_dim_override": (ffn_factor, ffn_round, ffn)}
+    overrides = {name: width for name, (factor, multiple, width) in ours.items()
+                 if width is not None and width != round_up_dim(hidden, factor, multiple)}
     bos, eos, pad = token_ids
     kwargs = dict(
         block_design="large", vocab_size=vocab, hidden_size=hidden, num_blocks=blocks, slstm_at=[],
@@ -158,21 +169,20 @@ def _large_config(where: str, names: dict[str, str], *, hidden: int, heads: int,
         ffn_proj_factor=ffn_factor, ffn_round_up_to=ffn_round, ffn_act_fn="swish", use_bias=use_bias,
         ffn_use_bias=use_bias, gate_soft_cap=gate_cap, logits_soft_cap=logits_cap, norm_eps=norm_eps, mlstm_eps=eps,
         add_post_blocks_norm=out_norm, tie_word_embeddings=False, chunk_size=chunk_size, use_cache=use_cache,
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, **overrides,
     )
     try:
-        config = xLSTMConfig(**kwargs)
+        return xLSTMConfig(**kwargs)
     except (StrictDataclassError, ValueError, TypeError) as e:
-        ours = [f"{o} is {t}" for o, t in names.items() if re.search(rf"\b{o}\b", str(e))]
+        notes = [f"{o} is {t}" for o, t in names.items() if re.search(rf"\b{o}\b", str(e))]
+        # where the heads do not divide a truncated width, say where it comes from (the source cannot run it either)
+        truncated = (("qk_dim_factor", "q/k", qk_factor, qk), ("v_dim_factor", "v", v_factor, v))
+        notes += [f"{names.get(name, name)}={factor} gives a width of {hidden * factor} for hidden size {hidden}, "
+                  f"which the source truncates to {width}"
+                  for name, label, factor, width in truncated
+                  if width is not None and width != hidden * factor and f"{label} width {width}" in str(e)]
         raise ValueError(f"{where}: not expressible as an xlstm_hf config: {e}"
-                         + (f" ({'; '.join(ours)})" if ours else "")) from None
-    theirs = _their_ffn_dim(hidden, ffn_factor, ffn_round)
-    if config.ffn_dim != theirs:
-        raise ValueError(f"{where}: {names['ffn_proj_factor']}={ffn_factor} with {names['ffn_round_up_to']}="
-                         f"{ffn_round} gives a feed-forward width of {theirs} in the source but {config.ffn_dim} in "
-                         f"xlstm_hf (the source rounds {hidden * ffn_factor} down when it lies less than 1 above "
-                         f"a multiple)")
-    return config
+                         + (f" ({'; '.join(notes)})" if notes else "")) from None
 
 
 TRANSFORMERS_NAMES = {  # our field -> transformers' xLSTMConfig field
@@ -283,14 +293,13 @@ def transformers_config_from_ours(config: xLSTMConfig, weight_mode: str = "singl
     for name in ("gate_soft_cap", "logits_soft_cap"):
         if getattr(config, name) is None:
             problems.append(f"{name}=None (transformers' xLSTMConfig needs a number)")
-    for name, width, factor in (("q/k", config.mlstm_qk_dim, config.qk_dim_factor),
-                                ("v", config.mlstm_v_dim, config.v_dim_factor)):
-        if width != int(H * factor):
-            problems.append(f"the {name} width is {width}, transformers would use int({H} * {factor}) = "
-                            f"{int(H * factor)}")
-    their_ffn = _their_ffn_dim(H, config.ffn_proj_factor, config.ffn_round_up_to)
-    if config.ffn_dim != their_ffn:
-        problems.append(f"the feed-forward width is {config.ffn_dim}, transformers would use {their_ffn}")
+    widths = their_widths(H, config.qk_dim_factor, config.v_dim_factor, config.ffn_proj_factor, config.ffn_round_up_to)
+    for name, ours, theirs, factor in zip(("q/k", "v"), (config.mlstm_qk_dim, config.mlstm_v_dim), widths,
+                                          (config.qk_dim_factor, config.v_dim_factor)):
+        if ours != theirs:
+            problems.append(f"the {name} width is {ours}, transformers would use int({H} * {factor}) = {theirs}")
+    if config.ffn_dim != widths[2]:
+        problems.append(f"the feed-forward width is {config.ffn_dim}, transformers would use {widths[2]}")
     if problems:
         raise ValueError("not expressible as a transformers xLSTM: " + "; ".join(problems))
     theirs = TransformersXLSTMConfig(
@@ -411,15 +420,34 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+def _unreadable(path: Path, error: Exception) -> ValueError:
+    """The error for a weights file that cannot be read (truncated, corrupt, not a weights file at all)."""
+    lines = str(error).strip().splitlines()
+    return ValueError(f"{path}: not a readable {'safetensors' if path.suffix == '.safetensors' else 'PyTorch'} "
+                      f"file ({type(error).__name__}: {lines[0] if lines else 'no details'})")
+
+
 def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype code, shape) of the tensors in a safetensors file, from its header alone."""
+    """name -> (dtype code, shape) of the tensors in a safetensors file, from its header alone (safetensors
+    also checks there that the data the header describes is all in the file)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise _unreadable(path, e) from None
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors file `path`; a file that is not readable raises ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(path, e) from None
 
 
 class SafetensorsFolder:
@@ -441,6 +469,13 @@ class SafetensorsFolder:
     @property
     def largest_file_size(self) -> int:
         return max(path.stat().st_size for path in self.files)
+
+    @property
+    def where(self) -> str:
+        """The weights file, or the folder and its number of weight files (for messages)."""
+        if len(self.files) == 1:
+            return str(self.files[0])
+        return f"{self.files[0].parent} ({len(self.files)} weight files)"
 
 
 def transformers_weight_files(src: Path) -> list[Path]:
@@ -496,8 +531,9 @@ def our_weight_files(src: Path) -> list[Path]:
     return transformers_weight_files(src)
 
 
-def _special_token_ids(src: Path, say) -> tuple:
-    """(bos, eos, pad) ids of the tokenizer stored in `src`, or Nones when there is none (or it does not load)."""
+def _special_token_ids(src: Path, say, vocab_size) -> tuple:
+    """(bos, eos, pad) ids of the tokenizer stored in `src`, or Nones when there is none (or it does not load).
+    Ids outside the model's vocabulary (`vocab_size`) mean that it is another model's tokenizer: ValueError."""
     if not any((src / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         say("note: no tokenizer in the source folder; bos/eos/pad token ids are left unset")
         return None, None, None
@@ -510,7 +546,13 @@ def _special_token_ids(src: Path, say) -> tuple:
         say(f"note: the tokenizer in {src} does not load ({type(e).__name__}: {first_line}); bos/eos/pad token ids "
             "are left unset")
         return None, None, None
-    return tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    outside = [f"{name} {i}" for name, i in zip(("bos", "eos", "pad"), ids)
+               if i is not None and isinstance(vocab_size, int) and not 0 <= i < vocab_size]
+    if outside:
+        raise ValueError(f"{src}: the tokenizer stored there has {', '.join(outside)} outside the model's vocabulary "
+                         f"(vocab_size {vocab_size}); it is another model's tokenizer")
+    return ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,17 +605,20 @@ def _their_shapes(links: list[Link], ours: dict[str, tuple[int, ...]]) -> dict[s
 def _check_source(weights: SafetensorsFolder, expected: dict[str, tuple[int, ...]], what: str,
                   droppable: set[str] = frozenset()) -> None:
     """Every expected tensor present with its shape, nothing else (but `droppable`); else one ValueError
-    naming the missing, unexpected and mis-shaped tensors."""
+    naming the weight file(s) and the missing, unexpected and mis-shaped tensors."""
+    def file_of(name):  # for sharded checkpoints: which file holds a mis-shaped tensor
+        return f" in {weights.files[weights.tensors[name].file].name}" if len(weights.files) > 1 else ""
+
     missing = [name for name in expected if name not in weights.tensors]
     unexpected = [name for name in weights.tensors if name not in expected and name not in droppable]
-    misshaped = [f"{name} {weights.tensors[name].shape} (expected {expected[name]})"
+    misshaped = [f"{name} {weights.tensors[name].shape} (expected {expected[name]}){file_of(name)}"
                  for name in expected if name in weights.tensors and weights.tensors[name].shape != expected[name]]
     if missing or unexpected or misshaped:
         def listing(label, items):
             return f"{label} {items[:6]}" + (f" and {len(items) - 6} more" if len(items) > 6 else "")
         problems = [listing(label, items) for label, items in
                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
-        raise ValueError(f"the weights do not match the config ({what}): " + "; ".join(problems))
+        raise ValueError(f"{weights.where}: the weights do not match the config ({what}): " + "; ".join(problems))
 
 
 def parse_size(size: int | str) -> int:
@@ -631,13 +676,31 @@ def _remove_old_weights(out_dir: Path) -> None:
             path.unlink()
 
 
+@contextmanager
+def staged_output(out_dir: Path):
+    """A new folder next to `out_dir` (on the same filesystem, so that moving out of it is renaming) for a
+    conversion to write into. When the block succeeds, `out_dir`'s old weight files (shards and index
+    included) go and the new files take their place, replacing files of the same names; other files of
+    `out_dir` stay. When it fails, the folder is deleted and `out_dir` is left as it was."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield staging
+        out_dir.mkdir(exist_ok=True)
+        _remove_old_weights(out_dir)
+        for path in staging.iterdir():
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def stream_convert(weights: SafetensorsFolder, targets: list[Target], out_dir: Path, dtype: torch.dtype | None,
                    max_shard_size: int | str | None, total_parameters: int, progress_bar: bool = True,
                    description: str = "converting") -> dict:
     """Write `targets` (assembled from `weights`) into `out_dir` as `model.safetensors`, or as
     `model-0000i-of-0000N.safetensors` shards of at most `max_shard_size` bytes (a larger tensor gets its own
-    shard; None = the largest source file) plus `model.safetensors.index.json`. Reads one source file at a
-    time; returns the weight map."""
+    shard; None = the largest source file) plus `model.safetensors.index.json`, planned as `save_pretrained`
+    plans them. Reads one source file at a time; returns the weight map."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
@@ -652,26 +715,26 @@ def stream_convert(weights: SafetensorsFolder, targets: list[Target], out_dir: P
     order = sorted(targets, key=lambda t: done_at[t.name])  # stable: keeps the model order within a file
 
     limit = parse_size(max_shard_size) if max_shard_size is not None else weights.largest_file_size
-    shards: list[list[Target]] = [[]]
-    size = 0
-    for target in order:
-        if shards[-1] and size + _nbytes(target) > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(target)
-        size += _nbytes(target)
-    if len(shards) == 1:
-        names = [SAFE_WEIGHTS_NAME]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    shard_of = {t.name: s for s, shard in enumerate(shards) for t in shard}
+    # the shard plan (file names, greedy filling in writing order) from meta tensors: nothing is allocated
+    plan = split_torch_state_dict_into_shards(
+        {t.name: torch.empty(t.shape, dtype=t.dtype, device="meta") for t in order}, max_shard_size=limit)
+    by_name = {t.name: t for t in order}
+    # a tensor larger than the limit gets a shard of its own while the current shard goes on filling, so a
+    # shard's file stays open (header written) until its last tensor is in
+    writers: dict[str, _ShardWriter] = {}
+
+    def write(target: Target, tensor: torch.Tensor) -> None:
+        file = plan.tensor_to_filename[target.name]
+        if file not in writers:
+            writers[file] = _ShardWriter(out_dir / file, [by_name[name] for name in plan.filename_to_tensors[file]])
+        writers[file].write(target, tensor)
+        if writers[file].written == len(writers[file].expected):
+            writers.pop(file).close()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_old_weights(out_dir)
-    total = sum(_nbytes(t) for t in targets)
+    total = plan.metadata["total_size"]
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=not progress_bar)
     pending: dict[tuple[str, int], torch.Tensor] = {}  # (target, part index) -> rows read from an earlier file
-    writer, current = None, -1
     position = 0
     try:
         for file_index, path in enumerate(weights.files):
@@ -692,25 +755,17 @@ def stream_convert(weights: SafetensorsFolder, targets: list[Target], out_dir: P
                               else read(name, rows) for k, (name, rows) in enumerate(target.parts)]
                     tensor = (torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0]).to(target.dtype)
                     del pieces
-                    if shard_of[target.name] != current:
-                        if writer is not None:
-                            writer.close()
-                        current = shard_of[target.name]
-                        writer = _ShardWriter(out_dir / names[current], shards[current])
-                    writer.write(target, tensor)
+                    write(target, tensor)
                     bar.update(_nbytes(target))
                     del tensor
                     position += 1
-        if writer is not None:
-            writer.close()
-            writer = None
     finally:
-        if writer is not None:
+        for writer in writers.values():  # only after a failure
             writer.file.close()
         bar.close()
-    assert position == len(order) and not pending
-    weight_map = {t.name: names[shard_of[t.name]] for t in targets}
-    if len(shards) > 1:
+    assert position == len(order) and not pending and not writers
+    weight_map = {t.name: plan.tensor_to_filename[t.name] for t in targets}
+    if plan.is_sharded:
         index = {"metadata": {"total_parameters": total_parameters, "total_size": total},
                  "weight_map": dict(sorted(weight_map.items()))}
         with open(out_dir / SAFE_INDEX_NAME, "w", encoding="utf-8") as f:
@@ -732,8 +787,8 @@ def _as_dtype(dtype) -> torch.dtype | None:
     return value
 
 
-def _check_arguments(src: Path, out_dir: Path, dtype, max_shard_size) -> None:
-    """Everything that can be checked before reading the checkpoint."""
+def check_arguments(src: Path, out_dir: Path, dtype, max_shard_size=None) -> None:
+    """Everything that can be checked before reading the checkpoint (for every converter)."""
     _as_dtype(dtype)
     if max_shard_size is not None and parse_size(max_shard_size) < 1:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
@@ -801,10 +856,11 @@ def _convert_large(src: Path, out_dir: Path, source: str, config: xLSTMConfig, w
     _check_source(weights, expected, f"{source}, weight_mode {weight_mode!r}", droppable)
     targets = _targets(links, "ours", ours)
     out_dtype = dtype or weights.tensors[targets[0].parts[0][0]].dtype
-    model = _save_model_files(config, out_dir, out_dtype)
-    stream_convert(weights, targets, out_dir, dtype, max_shard_size, model.num_parameters(), progress_bar)
-    say(f"wrote {len(targets)} tensors ({out_dtype}) to {out_dir}")
-    _copy_tokenizer(src, out_dir, say)
+    with staged_output(out_dir) as staging:
+        model = _save_model_files(config, staging, out_dtype)
+        stream_convert(weights, targets, staging, dtype, max_shard_size, model.num_parameters(), progress_bar)
+        say(f"wrote {len(targets)} tensors ({out_dtype}) to {out_dir}")
+        _copy_tokenizer(src, staging, say)
     return out_dir
 
 
@@ -818,7 +874,7 @@ def convert_transformers_checkpoint(src: str | Path, out_dir: str | Path, dtype=
     """
     say = progress or logger.info
     src, out_dir = Path(src), Path(out_dir)
-    _check_arguments(src, out_dir, dtype, max_shard_size)
+    check_arguments(src, out_dir, dtype, max_shard_size)
     d = _read_mapping(src / "config.json")
     if d.get("model_type") != "xlstm":
         raise ValueError(f"{src / 'config.json'}: model_type {d.get('model_type')!r}, expected 'xlstm'")
@@ -842,34 +898,51 @@ def convert_xlstm_large_checkpoint(src: str | Path, out_dir: str | Path, dtype=N
     an xlstm_hf folder. The bos/eos/pad token ids come from a tokenizer stored in the folder, if any."""
     say = progress or logger.info
     src, out_dir = Path(src), Path(out_dir)
-    _check_arguments(src, out_dir, dtype, max_shard_size)
+    check_arguments(src, out_dir, dtype, max_shard_size)
     if not (src / "config.yaml").is_file():
         raise ValueError(f"no config.yaml in {src}")
     d = _read_mapping(src / "config.yaml")
     weights = SafetensorsFolder(xlstm_large_weight_files(src))  # before the tokenizer: cheap checks first
-    config = config_from_xlstm_large(d, _special_token_ids(src, say), say)
+    config = config_from_xlstm_large(d, _special_token_ids(src, say, d.get("vocab_size")), say)
     mode = _weight_mode_of(weights)  # the official loader always builds "single"; fused files convert too
     say(f"xlstm_large: {config.num_blocks} blocks, hidden {config.hidden_size}, {config.mlstm_num_heads} heads, "
         f"vocab {config.vocab_size}, weight_mode {mode}, {len(weights.files)} shard(s)")
     return _convert_large(src, out_dir, "xlstm_large", config, weights, mode, dtype, max_shard_size, say, progress_bar)
 
 
+def already_xlstm_hf_message(src: str | Path) -> str:
+    """What to say when asked to convert one of our own checkpoints: only the large design exports."""
+    src = Path(src)
+    design = _read_mapping(src / "config.json").get("block_design", "paper")
+    message = f"{src} is already an xlstm_hf checkpoint (model_type '{xLSTMConfig.model_type}', block_design {design!r})"
+    if design == "large":
+        return (f"{message}; export it to transformers' xLSTM format with export_to_transformers / "
+                f"`xlstm-hf convert {src} OUT --to transformers`")
+    return (f"{message}: load it with AutoModelForCausalLM.from_pretrained after `import xlstm_hf`; only the large "
+            "(xLSTM-7B) design exports to transformers' xLSTM, which has no paper mLSTM/sLSTM blocks")
+
+
 def convert_checkpoint(src: str | Path, out_dir: str | Path, dtype=None,
                        max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
-                       progress: Callable[[str], None] | None = None, progress_bar: bool = True) -> Path:
+                       progress: Callable[[str], None] | None = None, progress_bar: bool = True,
+                       tokenizer: str | None = "auto") -> Path:
     """Convert the checkpoint folder `src` of any supported format (see `detect_format`) into an xlstm_hf
-    folder `out_dir`. Official `xlstm` checkpoints go to `conversion.official` (which loads them whole)."""
+    folder `out_dir`. Official `xlstm` checkpoints go to `conversion.official` (which loads them whole);
+    `tokenizer` applies to them (see `convert_official_checkpoint`), the other formats copy the tokenizer
+    files of the source folder."""
     fmt = detect_format(src)
     if fmt == "official":
         from .official import convert_official_checkpoint
 
-        return convert_official_checkpoint(src, out_dir, _as_dtype(dtype), progress=progress)
+        return convert_official_checkpoint(src, out_dir, _as_dtype(dtype), progress=progress, tokenizer=tokenizer)
+    if tokenizer != "auto":
+        raise ValueError(f"tokenizer={tokenizer!r} applies to official xlstm checkpoints only; {src} is a {fmt} "
+                         "checkpoint, whose tokenizer files (if any) are copied")
     if fmt == "transformers":
         return convert_transformers_checkpoint(src, out_dir, dtype, max_shard_size, progress, progress_bar)
     if fmt == "xlstm_large":
         return convert_xlstm_large_checkpoint(src, out_dir, dtype, max_shard_size, progress, progress_bar)
-    raise ValueError(f"{src} is already an xlstm_hf checkpoint (model_type '{xLSTMConfig.model_type}'); "
-                     "export it with export_to_transformers / `xlstm-hf convert SRC OUT --to transformers`")
+    raise ValueError(already_xlstm_hf_message(src))
 
 
 def export_to_transformers(src: str | Path, out_dir: str | Path, weight_mode: str = "single", dtype=None,
@@ -883,7 +956,7 @@ def export_to_transformers(src: str | Path, out_dir: str | Path, weight_mode: st
 
     say = progress or logger.info
     src, out_dir = Path(src), Path(out_dir)
-    _check_arguments(src, out_dir, dtype, max_shard_size)
+    check_arguments(src, out_dir, dtype, max_shard_size)
     fmt = detect_format(src)
     if fmt != "xlstm_hf":
         raise ValueError(f"{src} is a {fmt} checkpoint; export_to_transformers reads xlstm_hf checkpoints "
@@ -906,16 +979,17 @@ def export_to_transformers(src: str | Path, out_dir: str | Path, weight_mode: st
     _check_source(weights, expected, "xlstm_hf large design", droppable)
     targets = _targets(links, "theirs", _their_shapes(links, shapes))
     out_dtype = _as_dtype(dtype) or weights.tensors["backbone.embeddings.weight"].dtype
-    out_dir.mkdir(parents=True, exist_ok=True)
     theirs_config.architectures = ["xLSTMForCausalLM"]
     theirs_config.dtype = str(out_dtype).removeprefix("torch.")
-    theirs_config.save_pretrained(out_dir)
-    GenerationConfig.from_model_config(theirs_config).save_pretrained(out_dir)
-    say(f"transformers xLSTM config: weight_mode {weight_mode}, {config.num_blocks} blocks, hidden {config.hidden_size}")
-    total = sum(math.prod(t.shape) for t in targets)
-    stream_convert(weights, targets, out_dir, _as_dtype(dtype), max_shard_size, total, progress_bar, "exporting")
-    say(f"wrote {len(targets)} tensors ({out_dtype}) to {out_dir}")
-    _copy_tokenizer(src, out_dir, say)
+    with staged_output(out_dir) as staging:
+        theirs_config.save_pretrained(staging)
+        GenerationConfig.from_model_config(theirs_config).save_pretrained(staging)
+        say(f"transformers xLSTM config: weight_mode {weight_mode}, {config.num_blocks} blocks, "
+            f"hidden {config.hidden_size}")
+        total = sum(math.prod(t.shape) for t in targets)
+        stream_convert(weights, targets, staging, _as_dtype(dtype), max_shard_size, total, progress_bar, "exporting")
+        say(f"wrote {len(targets)} tensors ({out_dtype}) to {out_dir}")
+        _copy_tokenizer(src, staging, say)
     return out_dir
 
 

@@ -19,7 +19,6 @@ to undo (see `convert_state_dict`):
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -28,16 +27,24 @@ from pathlib import Path
 import torch
 import yaml
 from huggingface_hub.errors import StrictDataclassError
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from transformers.utils import logging as hf_logging
 
 from xlstm_hf import xLSTMConfig, xLSTMForCausalLM
+from xlstm_hf.configuration_xlstm import GPT2_EOT_ID
+
+from .large import TOKENIZER_FILES, _copy_tokenizer, _special_token_ids, _unreadable, check_arguments, \
+    load_safetensors, staged_output
 
 logger = logging.getLogger(__name__)
 
 GPT2_VOCAB_SIZE = 50257
-GPT2_EOT_ID = 50256  # <|endoftext|>, GPT-2's bos/eos token
 SLSTM_LAYOUTS = ("vanilla", "cuda")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
+#: prefixes that DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`) add to state-dict keys
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: `tokenizer=` of convert_official_checkpoint
+TOKENIZER_CHOICES = ("auto", "gpt2", None)
 
 # --------------------------------------------------------------------------------------------------
 # config.yaml -> xLSTMConfig
@@ -177,9 +184,10 @@ def _require(ok: bool, where: str, key: str, value, why: str) -> None:
         raise ValueError(f"{where}{key}: {value!r} is not supported ({why})")
 
 
-def config_from_official(d: dict) -> tuple[xLSTMConfig, str]:
+def config_from_official(d: dict, token_ids: tuple = (None, None, None)) -> tuple[xLSTMConfig, str]:
     """Our config for an official `xLSTMLMModelConfig` mapping, and the sLSTM parameter layout of its
     checkpoint ("vanilla" or "cuda", from `slstm_block.slstm.backend`; "cuda" when absent, as officially).
+    `token_ids` = (bos, eos, pad), which the official config does not hold (see `convert_official_checkpoint`).
 
     Raises ValueError naming the field for unknown fields and for values our model cannot express.
     """
@@ -252,9 +260,7 @@ def config_from_official(d: dict) -> tuple[xLSTMConfig, str]:
         {ours: {**OFFICIAL_FEEDFORWARD_DEFAULTS, **feedforward}[theirs] for theirs, ours in FEEDFORWARD_FIELDS.items()}
     )
 
-    # Official checkpoints at GPT-2 vocabulary size (50257, or 50304 padded) use the GPT-2 tokenizer.
-    special = GPT2_EOT_ID if isinstance(kwargs["vocab_size"], int) and kwargs["vocab_size"] >= GPT2_VOCAB_SIZE else None
-    kwargs.update(bos_token_id=special, eos_token_id=special, pad_token_id=special)
+    kwargs.update(zip(("bos_token_id", "eos_token_id", "pad_token_id"), token_ids))
     try:
         config = xLSTMConfig(**kwargs)
     except (StrictDataclassError, ValueError) as e:
@@ -432,41 +438,47 @@ def convert_state_dict(
 # --------------------------------------------------------------------------------------------------
 
 
+def official_weights_file(src_dir: str | Path) -> Path:
+    """The weights file of the official checkpoint in `src_dir`: `model.safetensors`, else the one
+    `*.pt|*.pth|*.bin` file."""
+    src_dir = Path(src_dir)
+    if (src_dir / "model.safetensors").is_file():
+        return src_dir / "model.safetensors"
+    candidates = sorted(p for p in src_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if len(candidates) != 1:
+        found = [p.name for p in candidates] or sorted(p.name for p in src_dir.iterdir())
+        raise ValueError(f"{src_dir}: expected model.safetensors or exactly one {'/'.join(WEIGHT_SUFFIXES)} "
+                         f"file, found {found}")
+    return candidates[0]
+
+
 def load_official_state_dict(src_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The official state dict in `src_dir`: `model.safetensors`, else the one `*.pt|*.pth|*.bin` file.
+    """The official state dict in `src_dir` (from `official_weights_file`).
 
     A training checkpoint `{"state_dict": sd, ...}` or `{"model": sd, ...}` is unwrapped, and the prefixes
-    added by DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`) are stripped.
+    added by DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`) are stripped. A file that
+    cannot be read raises ValueError naming it.
     """
-    src_dir = Path(src_dir)
-    safetensors_file = src_dir / "model.safetensors"
-    if safetensors_file.is_file():
-        from safetensors.torch import load_file
-
-        sd = load_file(safetensors_file)
+    path = official_weights_file(src_dir)
+    if path.suffix == ".safetensors":
+        sd = load_safetensors(path)
     else:
-        candidates = sorted(p for p in src_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-        if len(candidates) != 1:
-            found = [p.name for p in candidates] or sorted(p.name for p in src_dir.iterdir())
-            raise ValueError(f"{src_dir}: expected model.safetensors or exactly one {'/'.join(WEIGHT_SUFFIXES)} "
-                             f"file, found {found}")
         try:  # weights_only: never run code from a checkpoint file
-            sd = torch.load(candidates[0], map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{candidates[0]}: not loadable with torch.load(weights_only=True): {e}") from None
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged file fails with RuntimeError, EOFError, KeyError, UnpicklingError, ...
+            raise _unreadable(path, e) from None
         for wrapper in ("state_dict", "model"):
             if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
                 sd = sd[wrapper]
                 break
     if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
-        raise ValueError(f"{src_dir}: the weights file does not hold a mapping of names to tensors")
-    return {_strip_wrapper_prefixes(key): tensor for key, tensor in sd.items()}
-
-
-def _strip_wrapper_prefixes(key: str) -> str:
-    while key.startswith(("module.", "_orig_mod.")):
-        key = key.split(".", 1)[1]
-    return key
+        raise ValueError(f"{path}: does not hold a mapping of names to tensors")
+    sd = dict(sd)
+    # wrappers nest (a compiled DDP model has "_orig_mod.module."): strip until no key has a prefix left
+    while any(key.startswith(WRAPPER_PREFIXES) for key in sd):
+        for prefix in WRAPPER_PREFIXES:
+            consume_prefix_in_state_dict_if_present(sd, prefix)
+    return sd
 
 
 @contextmanager
@@ -481,26 +493,69 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+def _tokenizer_plan(src_dir: Path, vocab_size, tokenizer: str | None, say) -> tuple[str | None, tuple]:
+    """Which tokenizer the converted folder gets ("gpt2", "source" or None) and its (bos, eos, pad) ids.
+
+    An official config.yaml never names its tokenizer (xLSTMLMModelConfig has no such field, and the
+    experiment YAMLs' `dataset` section names a dataset, not a tokenizer), and a vocabulary of 50257 or
+    more is not necessarily GPT-2's (50304 is also GPT-NeoX's padded one): "auto" takes the tokenizer files
+    stored in the source folder, if any, and ships none otherwise. "gpt2" ships GPT-2's; None ships none.
+    """
+    if tokenizer not in TOKENIZER_CHOICES:
+        raise ValueError(f"tokenizer must be one of {TOKENIZER_CHOICES}, got {tokenizer!r}")
+    if tokenizer == "gpt2":
+        if isinstance(vocab_size, int) and vocab_size < GPT2_VOCAB_SIZE:
+            raise ValueError(f"tokenizer='gpt2': GPT-2's tokenizer has {GPT2_VOCAB_SIZE} tokens, more than the "
+                             f"vocabulary of this checkpoint (vocab_size {vocab_size})")
+        return "gpt2", (GPT2_EOT_ID,) * 3
+    if tokenizer == "auto" and any((src_dir / name).is_file() for name in TOKENIZER_FILES):
+        return "source", _special_token_ids(src_dir, say, vocab_size)
+    return None, (None, None, None)
+
+
+def _no_tokenizer_warning(src_dir: Path, out_dir: Path, vocab_size: int) -> str:
+    how = f"save the model's tokenizer into {out_dir} (tokenizer.save_pretrained)"
+    if vocab_size >= GPT2_VOCAB_SIZE:
+        how = (f"if the model was trained with GPT-2's tokenizer, convert with tokenizer='gpt2' (xlstm-hf convert "
+               f"--tokenizer gpt2); else {how}")
+        why = (f"its config.yaml does not say which tokenizer the model was trained with (vocab_size {vocab_size} "
+               "fits GPT-2's 50257 tokens, but also GPT-NeoX's and others)")
+    else:
+        why = "its config.yaml does not name one"
+    return f"no tokenizer was written to {out_dir}: {src_dir} holds no tokenizer files and {why}; {how}"
+
+
 def convert_official_checkpoint(
     src_dir: str | Path,
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
     progress: Callable[[str], None] | None = None,
+    tokenizer: str | None = "auto",
 ) -> Path:
     """Convert the official checkpoint in `src_dir` into a Hugging Face model folder `out_dir`.
 
-    Writes config.json, generation_config.json and model.safetensors, plus the GPT-2 tokenizer when the
-    vocabulary is GPT-2's (>= 50257). `dtype` defaults to the checkpoint's (that of the token embedding).
-    `progress` receives one line per step. Returns `out_dir` as a Path.
+    Writes config.json, generation_config.json and model.safetensors, and a tokenizer: with
+    `tokenizer="auto"` the tokenizer files stored in `src_dir` (bos/eos/pad ids from them), else none, with
+    a warning; `"gpt2"`: GPT-2's (ids 50256); None: none. `dtype` defaults to the checkpoint's (that of the
+    token embedding). `progress` receives one line per step. The output is written to a folder next to
+    `out_dir` and moved into place at the end: a failed conversion leaves `out_dir` as it was. Returns
+    `out_dir` as a Path.
     """
     say = progress or logger.info
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    config, layout = config_from_official(load_official_config(src_dir))
+    check_arguments(src_dir, out_dir, dtype)
+    d = load_official_config(src_dir)
+    plan, token_ids = _tokenizer_plan(src_dir, d.get("vocab_size"), tokenizer, say)
+    config, layout = config_from_official(d, token_ids)
     say(f"config: {config.layout}, {config.num_blocks} blocks, hidden {config.hidden_size}, "
         f"vocab {config.vocab_size}, sLSTM layout {layout}")
+    weights_file = official_weights_file(src_dir)
     official = load_official_state_dict(src_dir)
     say(f"loaded {len(official)} official tensors")
-    sd = convert_state_dict(official, config, layout)
+    try:
+        sd = convert_state_dict(official, config, layout)
+    except ValueError as e:
+        raise ValueError(f"{weights_file}: {e}") from None
     dtype = dtype or sd["backbone.embeddings.weight"].dtype
     sd = {name: t.to(dtype) for name, t in sd.items()}
     if config.tie_word_embeddings:
@@ -514,16 +569,25 @@ def convert_official_checkpoint(
         model.tie_weights()  # assignment gave the head its own Parameter object
     model.eval()
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _no_progress_bars():
-        model.save_pretrained(out_dir)
-    say(f"saved the model to {out_dir}")
-    if config.vocab_size >= GPT2_VOCAB_SIZE:
+    with staged_output(out_dir) as staging:
+        with _no_progress_bars():
+            model.save_pretrained(staging)
+        say(f"saved the model to {out_dir}")
+        _write_tokenizer(plan, src_dir, staging, say)
+    if plan is None and tokenizer == "auto":
+        logger.warning(_no_tokenizer_warning(src_dir, out_dir, config.vocab_size))
+    return out_dir
+
+
+def _write_tokenizer(plan: str | None, src_dir: Path, out_dir: Path, say) -> None:
+    """The tokenizer of `_tokenizer_plan` into `out_dir`."""
+    if plan == "gpt2":
         from xlstm_hf.tokenization import load_gpt2_tokenizer
 
         load_gpt2_tokenizer().save_pretrained(out_dir)
         say("saved the GPT-2 tokenizer")
-    return out_dir
+    elif plan == "source":
+        _copy_tokenizer(src_dir, out_dir, say)
 
 
 __all__ = [
@@ -532,4 +596,5 @@ __all__ = [
     "convert_state_dict",
     "load_official_config",
     "load_official_state_dict",
+    "official_weights_file",
 ]

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 import xlstm_hf
 from xlstm_hf import xLSTMConfig, xLSTMForCausalLM
+from xlstm_hf.configuration_xlstm import round_up_dim
 from xlstm_hf.conversion import large
 from xlstm_hf.conversion.large import (
     convert_checkpoint,
@@ -326,6 +327,84 @@ def test_autoclass_and_files(native_transformers, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Widths that the sources compute differently from our rounding rule
+# --------------------------------------------------------------------------------------------------
+
+# transformers' xLSTM (as xlstm_large) truncates hidden * factor for q/k and v, and rounds the feed-forward
+# width down where hidden * factor lies less than 1 above a multiple; our rule rounds both up
+WIDTH_CASES = {
+    # the 125M class with transformers' default factors (ffn_proj_factor 2.667): 1024 there, 1088 by our rule
+    "hidden384-defaults": dict(hidden_size=384, num_heads=4, ffn_round_up_to_multiple_of=64),
+    # 2048 vs 2112 (the width `xlstm-hf convert` used to refuse)
+    "hidden768-defaults": dict(hidden_size=768, num_heads=4, ffn_round_up_to_multiple_of=64),
+    # q/k 28.8 -> 28 (ours 29 at multiple 1, 32 at 16); feed-forward 128.64 -> 128 (ours 144)
+    "hidden96-qk-ffn": dict(hidden_size=96, num_heads=2, qk_dim_factor=0.3, ffn_proj_factor=1.34),
+    # float noise: 100 * 0.07 = 7.000000000000001 -> 7 (ours 8), 100 * 0.29 = 28.999999999999996 -> 28 (ours 29)
+    "hidden100-float-noise": dict(hidden_size=100, num_heads=1, qk_dim_factor=0.07, v_dim_factor=0.29),
+    # v 50.4 -> 50; feed-forward 160.5 -> 160 (ours 176)
+    "hidden80-v-ffn": dict(hidden_size=80, num_heads=2, v_dim_factor=0.63, ffn_proj_factor=2.00625),
+}
+
+
+def assert_same_tensors(ours: dict, expected: dict) -> None:
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        assert ours[name].dtype == expected[name].dtype and torch.equal(ours[name], expected[name]), name
+
+
+@pytest.mark.parametrize("case", list(WIDTH_CASES))
+def test_widths_that_round_differently(native_transformers, tmp_path, case):
+    """Converted with the source's widths (logits equal), exported back to the same tensors."""
+    theirs = build_transformers(native_transformers, seed=14, num_hidden_layers=1, num_blocks=1, **WIDTH_CASES[case])
+    c = theirs.config
+    layer, ffn = theirs.backbone.blocks[0].mlstm_layer, theirs.backbone.blocks[0].ffn
+    their_widths = (layer.qk_dim, layer.v_dim, ffn.up_proj_dim)
+    rule = (round_up_dim(c.hidden_size, c.qk_dim_factor, 1), round_up_dim(c.hidden_size, c.v_dim_factor, 1),
+            round_up_dim(c.hidden_size, c.ffn_proj_factor, c.ffn_round_up_to_multiple_of))
+    assert their_widths != rule, "not a case where the rules differ"
+    assert large.their_widths(c.hidden_size, c.qk_dim_factor, c.v_dim_factor, c.ffn_proj_factor,
+                              c.ffn_round_up_to_multiple_of) == their_widths
+    src = save_transformers_folder(theirs, tmp_path / "src")
+    out = convert_checkpoint(src, tmp_path / "out", progress_bar=False)
+    ours = load_ours(out)
+    assert (ours.config.mlstm_qk_dim, ours.config.mlstm_v_dim, ours.config.ffn_dim) == their_widths
+    saved = json.loads((out / "config.json").read_text())
+    assert [saved[name] for name in ("mlstm_qk_dim_override", "mlstm_v_dim_override", "ffn_dim_override")] == \
+        [theirs_width if theirs_width != ours_width else None for theirs_width, ours_width in zip(their_widths, rule)]
+    check_parity(ours, lambda ids: theirs(ids, use_cache=False).logits, f"widths {case}", MEASURED)
+    back = export_to_transformers(out, tmp_path / "back", progress_bar=False)
+    assert_same_tensors(tensors_of(back), tensors_of(src))
+    exported, source = (json.loads((folder / "config.json").read_text()) for folder in (back, src))
+    for name in ("hidden_size", "num_heads", "qk_dim_factor", "v_dim_factor", "ffn_proj_factor",
+                 "ffn_round_up_to_multiple_of"):
+        assert exported[name] == source[name], name
+
+
+def test_xlstm_large_widths(native_transformers, tmp_path):
+    """xlstm_large's default ffn_proj_factor 2.6667 at width 384: 1024 there, 1088 by our rule. Converted,
+    then exported to transformers' format: both compute xlstm_large's logits, with its very tensors."""
+    theirs, config = build_xlstm_large(seed=16, embedding_dim=384, num_heads=4, num_blocks=1,
+                                       ffn_round_up_to_multiple_of=64)
+    assert theirs.backbone.blocks[0].ffn.up_proj_dim == 1024 and round_up_dim(384, config.ffn_proj_factor, 64) == 1088
+    out = convert_checkpoint(save_xlstm_large_folder(theirs, config, tmp_path / "src"), tmp_path / "out",
+                             progress_bar=False)
+    ours = load_ours(out)
+    assert ours.config.ffn_dim == 1024
+    with torch.no_grad():
+        check_parity(ours, xlstm_large_logits(theirs), "xlstm_large widths", MEASURED)
+    back = export_to_transformers(out, tmp_path / "back", progress_bar=False)
+    expected = {("backbone.embeddings.weight" if name == "embedding.weight" else name): t
+                for name, t in theirs.state_dict().items()}
+    assert_same_tensors(tensors_of(back), expected)
+    exported = native_transformers.xLSTMForCausalLM.from_pretrained(back).eval()
+    with torch.no_grad():
+        for length in LENGTHS:
+            ids = input_ids(length)
+            assert relative_error(exported(ids, use_cache=False).logits, xlstm_large_logits(theirs)(ids)) <= TOLERANCE
+    assert_same_tensors(tensors_of(convert_checkpoint(back, tmp_path / "again", progress_bar=False)), tensors_of(out))
+
+
+# --------------------------------------------------------------------------------------------------
 # xlstm_large -> ours
 # --------------------------------------------------------------------------------------------------
 
@@ -363,7 +442,7 @@ def xlstm_large_logits(model):
 
 @pytest.mark.parametrize("shards", [0, 2], ids=["model.safetensors", "model_0-model_1"])
 def test_xlstm_large(tmp_path, shards):
-    theirs, config = build_xlstm_large(seed=5)
+    theirs, config = build_xlstm_large(seed=5, vocab_size=50304)  # GPT-2's padded vocabulary, for its tokenizer
     src = save_xlstm_large_folder(theirs, config, tmp_path / "src", shards)
     xlstm_hf.load_gpt2_tokenizer().save_pretrained(src)
     assert detect_format(src) == "xlstm_large"
@@ -373,6 +452,16 @@ def test_xlstm_large(tmp_path, shards):
     assert (out / "tokenizer.json").is_file()
     with torch.no_grad():
         check_parity(ours, xlstm_large_logits(theirs), f"xlstm_large shards={shards}", MEASURED)
+
+
+def test_tokenizer_of_another_vocabulary(tmp_path):
+    """A stored tokenizer whose special ids lie outside the model's vocabulary is not the model's."""
+    theirs, config = build_xlstm_large(seed=5)
+    src = save_xlstm_large_folder(theirs, config, tmp_path / "src")
+    xlstm_hf.load_gpt2_tokenizer().save_pretrained(src)
+    with pytest.raises(ValueError, match=r"has bos 50256, eos 50256, pad 50256 outside the model's vocabulary \(vocab_size 97\)"):
+        convert_checkpoint(src, tmp_path / "out", progress_bar=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_xlstm_large_with_biases(tmp_path):
@@ -769,3 +858,131 @@ def test_cli_errors_are_one_line(small_source, tmp_path, capsys):
     for argv, message in cases:
         code, _, err = run_cli(argv, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def truncate(path: Path, nbytes: int = 100) -> Path:
+    path.write_bytes(path.read_bytes()[:-nbytes])
+    return path
+
+
+def test_unreadable_weight_files_are_one_line_errors(small_source, tmp_path, capsys):
+    """Every way a weights file can be unreadable is one line on stderr, exit code 2, naming the file."""
+    sd = load_file(small_source / "model.safetensors")
+    config_json = (small_source / "config.json").read_text()
+
+    def transformers_folder(name, tensors, shards=0):
+        folder = tmp_path / name
+        if shards:
+            files = save_sharded(tensors, folder, shards)
+        else:
+            folder.mkdir()
+            save_file(tensors, folder / "model.safetensors")
+            files = [folder / "model.safetensors"]
+        (folder / "config.json").write_text(config_json)
+        return folder, files
+
+    cases = []
+    folder, (file,) = transformers_folder("truncated", sd)
+    cases.append((folder, f"{truncate(file)}: not a readable safetensors file (SafetensorError: Error while "
+                          "deserializing header: incomplete metadata, file not fully covered)"))
+    folder, files = transformers_folder("truncated-shard", sd, shards=3)
+    cases.append((folder, f"{truncate(files[1])}: not a readable safetensors file"))
+    folder, (file,) = transformers_folder("empty", sd)
+    file.write_bytes(b"")
+    cases.append((folder, f"{file}: not a readable safetensors file (SafetensorError: Error while deserializing "
+                          "header: header too small)"))
+    key = "backbone.blocks.1.mlstm_layer.v.weight"
+    folder, (file,) = transformers_folder("missing", {k: v for k, v in sd.items() if k != key})
+    cases.append((folder, f"{file}: the weights do not match the config (transformers, weight_mode 'single'): "
+                          f"missing ['{key}']"))
+    folder, (file,) = transformers_folder("misshaped", {**sd, key: sd[key][:-1].clone()})
+    cases.append((folder, f"{file}: the weights do not match the config (transformers, weight_mode 'single'): "
+                          f"mis-shaped ['{key} (127, 128) (expected (128, 128))']"))
+    folder, files = transformers_folder("misshaped-shard", {**sd, key: sd[key][:-1].clone()}, shards=3)
+    shard = files[list(sd).index(key) % 3].name
+    cases.append((folder, f"{folder} (3 weight files): the weights do not match the config (transformers, weight_mode "
+                          f"'single'): mis-shaped ['{key} (127, 128) (expected (128, 128)) in {shard}']"))
+    theirs, config = build_xlstm_large(seed=12)
+    folder = save_xlstm_large_folder(theirs, config, tmp_path / "large", shards=2)
+    cases.append((folder, f"{truncate(folder / 'model_1.safetensors')}: not a readable safetensors file"))
+
+    for folder, message in cases:
+        code, _, err = run_cli(["convert", str(folder), str(tmp_path / "out")], capsys)
+        assert code == 2 and err.startswith(f"xlstm-hf convert: error: {message}"), (folder.name, err)
+        assert len(err.strip().splitlines()) == 1, (folder.name, err)
+        assert not (tmp_path / "out").exists()
+
+
+def test_failed_conversion_leaves_the_old_output(native_transformers, small_source, tmp_path, monkeypatch):
+    """A conversion that fails midway leaves the output folder of an earlier conversion as it was and no
+    staging folder behind; a successful one replaces the weights (no stale shards) and keeps other files."""
+    out = tmp_path / "out"
+    convert_checkpoint(small_source, out, max_shard_size="100KB", progress_bar=False)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "model.safetensors.index.json" in before and len([n for n in before if n.startswith("model-")]) >= 3
+
+    theirs = build_transformers(native_transformers, seed=15)
+    src = save_transformers_folder(theirs, tmp_path / "src")
+    written = []
+    real_write = large._ShardWriter.write
+
+    def write_then_fail(self, target, tensor):
+        if len(written) == 3:
+            raise OSError("No space left on device (simulated)")
+        written.append(target.name)
+        real_write(self, target, tensor)
+
+    monkeypatch.setattr(large._ShardWriter, "write", write_then_fail)
+    with pytest.raises(OSError, match="simulated"):
+        convert_checkpoint(src, out, progress_bar=False)
+    assert len(written) == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging folder left
+
+    monkeypatch.undo()
+    convert_checkpoint(src, out, progress_bar=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in names and "notes.txt" in names
+    assert not [n for n in names if n.startswith("model-") or n.endswith(".index.json")], names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    check_parity(load_ours(out), lambda ids: theirs(ids, use_cache=False).logits, "after a failed conversion")
+
+
+def test_shard_plan_is_save_pretrained_s(small_source, tmp_path):
+    """Shard files and index are what save_pretrained writes for the same model and max_shard_size (a tensor
+    above the limit gets a shard of its own while the current shard goes on filling)."""
+    out = convert_checkpoint(small_source, tmp_path / "out", max_shard_size="100KB", progress_bar=False)
+    model = xLSTMForCausalLM(xLSTMConfig.from_pretrained(out))
+    model.load_state_dict(tensors_of(out))  # copied into the model's own tensors (loaded ones share mmapped storage)
+    model.save_pretrained(tmp_path / "saved", max_shard_size="100KB")
+    ours, saved = (json.loads((folder / "model.safetensors.index.json").read_text())
+                   for folder in (out, tmp_path / "saved"))
+    assert ours["weight_map"] == saved["weight_map"] and ours["metadata"] == saved["metadata"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in (tmp_path / "saved").glob("*.safetensors"))
+    assert_same_tensors(tensors_of(out), tensors_of(tmp_path / "saved"))
+
+
+def test_messages_for_xlstm_hf_folders(small_source, tmp_path, capsys):
+    """Converting one of our own folders says what works: a large-design one exports with --to transformers,
+    a paper-design one does not export at all."""
+    paper = tmp_path / "paper"
+    xLSTMForCausalLM(xLSTMConfig(vocab_size=VOCAB, hidden_size=32, num_blocks=2, slstm_at=[1], mlstm_num_heads=2,
+                                 slstm_num_heads=2)).save_pretrained(paper)
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, _, err = run_cli(["convert", str(paper), str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{paper} is already an xlstm_hf checkpoint (model_type 'xlstm_paper', block_design 'paper')" in err
+    assert "only the large (xLSTM-7B) design exports to transformers' xLSTM" in err and "--to transformers" not in err
+    code, _, err = run_cli(["convert", str(paper), str(tmp_path / "o"), "--to", "transformers"], capsys)
+    assert code == 2 and "only block_design='large'" in err
+
+    ours = tmp_path / "large"
+    assert run_cli(["convert", str(small_source), str(ours)], capsys)[0] == 0
+    code, _, err = run_cli(["convert", str(ours), str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"already an xlstm_hf checkpoint (model_type 'xlstm_paper', block_design 'large'); export it" in err
+    assert f"`xlstm-hf convert {ours} OUT --to transformers`" in err
+    code, _, _ = run_cli(["convert", str(ours), str(tmp_path / "tf"), "--to", "transformers"], capsys)  # as advised
+    assert code == 0
+    assert_same_tensors(tensors_of(tmp_path / "tf"), tensors_of(small_source))

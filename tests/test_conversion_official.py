@@ -26,7 +26,8 @@ from xlstm.blocks.slstm.layer import sLSTMLayerConfig
 from xlstm.components.feedforward import FeedForwardConfig
 from xlstm.xlstm_lm_model import xLSTMLMModel, xLSTMLMModelConfig
 
-import xlstm_hf  # noqa: F401  (registers our model with the Auto classes)
+import xlstm_hf  # registers our model with the Auto classes
+from xlstm_hf.conversion import official as official_module
 from xlstm_hf.conversion.official import (
     config_from_official,
     convert_official_checkpoint,
@@ -325,6 +326,9 @@ def test_config_mapping():
     # official defaults where ours differ (num_blocks 1, embedding_dim 128, slstm_at [])
     config, layout = config_from_official({"vocab_size": 50304, "mlstm_block": {}})
     assert (config.num_blocks, config.hidden_size, config.slstm_at, layout) == (1, 128, [], "cuda")
+    # the official config names no tokenizer: a GPT-2-sized vocabulary gets GPT-2's ids only when told so
+    assert config.eos_token_id is config.bos_token_id is config.pad_token_id is None
+    config, _ = config_from_official({"vocab_size": 50304, "mlstm_block": {}}, token_ids=(50256, 50256, 50256))
     assert config.eos_token_id == config.bos_token_id == config.pad_token_id == 50256
     # no mLSTM block config: every block is an sLSTM block
     assert config_from_official({**SLSTM_ONLY, "slstm_at": [0]})[0].slstm_at == [0, 1]
@@ -455,6 +459,10 @@ def test_weight_file_discovery(tmp_path):
         load_official_state_dict(tmp_path)
     torch.save({"model": {"_orig_mod.a": torch.ones(2)}}, tmp_path / "a.pth")
     assert list(load_official_state_dict(tmp_path)) == ["a"]
+    # nested wrappers (torch.compile of a DistributedDataParallel model and the reverse), and unwrapped keys
+    torch.save({"state_dict": {"_orig_mod.module.a": torch.ones(2), "module._orig_mod.b": torch.ones(1),
+                               "c": torch.zeros(1)}}, tmp_path / "a.pth")
+    assert sorted(load_official_state_dict(tmp_path)) == ["a", "b", "c"]
     torch.save({"a": torch.ones(2)}, tmp_path / "b.bin")
     with pytest.raises(ValueError, match=r"found \['a\.pth', 'b\.bin'\]"):
         load_official_state_dict(tmp_path)
@@ -462,13 +470,17 @@ def test_weight_file_discovery(tmp_path):
     assert list(load_official_state_dict(tmp_path)) == ["c"]
 
 
-def test_gpt2_vocab_ships_tokenizer(tmp_path):
-    spec = {"vocab_size": 50304, "embedding_dim": 16, "num_blocks": 1, "context_length": CONTEXT,
-            "mlstm_block": {"mlstm": {"num_heads": 2}}}
+GPT2_SIZED = {"vocab_size": 50304, "embedding_dim": 16, "num_blocks": 1, "context_length": CONTEXT,
+              "mlstm_block": {"mlstm": {"num_heads": 2}}}
+
+
+def test_gpt2_tokenizer_when_asked(tmp_path):
+    spec = GPT2_SIZED
     official = build_official(spec)
     src = write_checkpoint(tmp_path / "official", spec, official_state_dict(official))
     lines = []
-    out = convert_official_checkpoint(src, tmp_path / "hf", dtype=torch.bfloat16, progress=lines.append)
+    out = convert_official_checkpoint(src, tmp_path / "hf", dtype=torch.bfloat16, progress=lines.append,
+                                      tokenizer="gpt2")
     assert lines and (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.eos_token_id == 50256 and tokenizer.decode(tokenizer("Hello world")["input_ids"]) == "Hello world"
@@ -503,3 +515,154 @@ def test_paper_like_config(tmp_path):
         err = max_rel_err(ours(ids).logits, official(ids))
     print(f"paper-like config: max rel err {err:.1e}")
     assert err <= TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer: shipped only when the source or the user says which
+# --------------------------------------------------------------------------------------------------
+
+NO_TOKENIZER = "no tokenizer was written"
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelname == "WARNING" and r.name.endswith("conversion.official")]
+
+
+def test_gpt2_sized_vocabulary_gets_no_guessed_tokenizer(tmp_path, caplog):
+    """50304 is GPT-2's padded vocabulary, but also GPT-NeoX's: without tokenizer files in the source and
+    without tokenizer="gpt2", no tokenizer is written, no GPT-2 ids are set, and one warning says how to get one."""
+    official = build_official(GPT2_SIZED)
+    src = write_checkpoint(tmp_path / "official", GPT2_SIZED, official_state_dict(official))
+    with caplog.at_level("WARNING"):
+        out = convert_official_checkpoint(src, tmp_path / "hf")
+    assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()
+    ours = load_converted(out)
+    assert (ours.config.bos_token_id, ours.config.eos_token_id, ours.config.pad_token_id) == (None, None, None)
+    (message,) = warnings_of(caplog)
+    assert message == (f"{NO_TOKENIZER} to {out}: {src} holds no tokenizer files and its config.yaml does not say "
+                       "which tokenizer the model was trained with (vocab_size 50304 fits GPT-2's 50257 tokens, but "
+                       "also GPT-NeoX's and others); if the model was trained with GPT-2's tokenizer, convert with "
+                       "tokenizer='gpt2' (xlstm-hf convert --tokenizer gpt2); else save the model's tokenizer into "
+                       f"{out} (tokenizer.save_pretrained)")
+    assert_same_logits(ours, official, GPT2_SIZED["vocab_size"])
+
+
+def test_tokenizer_stored_with_the_source_is_copied(tmp_path, caplog):
+    official = build_official(GPT2_SIZED)
+    src = write_checkpoint(tmp_path / "official", GPT2_SIZED, official_state_dict(official))
+    xlstm_hf.load_gpt2_tokenizer().save_pretrained(src)
+    with caplog.at_level("WARNING"):
+        out = convert_official_checkpoint(src, tmp_path / "hf")
+    assert not warnings_of(caplog)
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    ours = load_converted(out)
+    assert (ours.config.bos_token_id, ours.config.eos_token_id, ours.config.pad_token_id) == (50256, 50256, 50256)
+    assert_same_logits(ours, official, GPT2_SIZED["vocab_size"])
+
+
+def test_tokenizer_choices(tmp_path, caplog):
+    official = build_official(MLSTM_ONLY)
+    src = write_checkpoint(tmp_path / "official", MLSTM_ONLY, official_state_dict(official))
+    with caplog.at_level("WARNING"):
+        out = convert_official_checkpoint(src, tmp_path / "none", tokenizer=None)  # the user says: none
+    assert not warnings_of(caplog) and not (out / "tokenizer.json").exists()
+    with caplog.at_level("WARNING"):
+        out = convert_official_checkpoint(src, tmp_path / "auto")
+    (message,) = warnings_of(caplog)
+    assert message == (f"{NO_TOKENIZER} to {out}: {src} holds no tokenizer files and its config.yaml does not name "
+                       f"one; save the model's tokenizer into {out} (tokenizer.save_pretrained)")
+    with pytest.raises(ValueError, match=r"tokenizer='gpt2': GPT-2's tokenizer has 50257 tokens, more than the "
+                                         r"vocabulary of this checkpoint \(vocab_size 97\)"):
+        convert_official_checkpoint(src, tmp_path / "gpt2", tokenizer="gpt2")
+    with pytest.raises(ValueError, match=r"tokenizer must be one of \('auto', 'gpt2', None\), got 'bert'"):
+        convert_official_checkpoint(src, tmp_path / "bert", tokenizer="bert")
+    xlstm_hf.load_gpt2_tokenizer().save_pretrained(src)  # not this 97-token model's tokenizer
+    with pytest.raises(ValueError, match=r"has bos 50256, eos 50256, pad 50256 outside the model's vocabulary"):
+        convert_official_checkpoint(src, tmp_path / "other")
+    assert not (tmp_path / "gpt2").exists() and not (tmp_path / "other").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Unreadable weights, failed conversions
+# --------------------------------------------------------------------------------------------------
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    from xlstm_hf import cli
+
+    capsys.readouterr()
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_unreadable_weights_are_one_line_errors(tmp_path, capsys):
+    """Truncated or corrupt weight files, missing tensors and wrong shapes: exit code 2 and one line on stderr
+    that names the file and the problem."""
+    official = build_official(MLSTM_ONLY)
+    sd = official_state_dict(official)
+    key = "xlstm_block_stack.blocks.1.xlstm.proj_up.weight"
+    torch_file = tmp_path / "ckpt.pt"
+    torch.save(sd, torch_file)
+    cases = []  # (folder, weights file, message)
+
+    def folder_with(name, weights_name, data):
+        folder = write_checkpoint(tmp_path / name, MLSTM_ONLY, {"x": torch.zeros(1)})
+        (folder / "model.safetensors").unlink()
+        (folder / weights_name).write_bytes(data)
+        return folder, folder / weights_name
+
+    save_file(sd, str(tmp_path / "whole.safetensors"))
+    safetensors_bytes = (tmp_path / "whole.safetensors").read_bytes()
+    cases.append((*folder_with("truncated", "model.safetensors", safetensors_bytes[:-64]),
+                  "not a readable safetensors file (SafetensorError: Error while deserializing header: incomplete "
+                  "metadata, file not fully covered)"))
+    cases.append((*folder_with("truncated-pt", "ckpt.pt", torch_file.read_bytes()[:4000]),
+                  "not a readable PyTorch file (RuntimeError: PytorchStreamReader failed reading zip archive"))
+    cases.append((*folder_with("junk-pt", "ckpt.pt", b"not a checkpoint" * 8), "not a readable PyTorch file ("))
+    cases.append((*folder_with("empty-bin", "weights.bin", b""), "not a readable PyTorch file (EOFError: no details)"))
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    cases.append((*folder_with("list-pt", "ckpt.pt", (tmp_path / "list.pt").read_bytes()),
+                  "does not hold a mapping of names to tensors"))
+    save_file({k: v for k, v in sd.items() if k != key}, str(tmp_path / "missing.safetensors"))
+    cases.append((*folder_with("missing", "model.safetensors", (tmp_path / "missing.safetensors").read_bytes()),
+                  "backbone.blocks.1.mlstm.up_proj.weight: missing from the official state dict"))
+    save_file({**sd, key: sd[key][:, :31].contiguous()}, str(tmp_path / "shape.safetensors"))
+    cases.append((*folder_with("shape", "model.safetensors", (tmp_path / "shape.safetensors").read_bytes()),
+                  f"{key} -> backbone.blocks.1.mlstm.up_proj.weight: official shape (128, 31), expected (128, 32)"))
+
+    for folder, file, message in cases:
+        code, _, err = run_cli(["convert", str(folder), str(tmp_path / "out")], capsys)
+        assert code == 2 and err.startswith(f"xlstm-hf convert: error: {file}: {message}"), (folder.name, err)
+        assert len(err.strip().splitlines()) == 1, (folder.name, err)
+        assert not (tmp_path / "out").exists()
+
+
+def test_failed_conversion_leaves_the_old_output(tmp_path, monkeypatch):
+    """A conversion that fails after the model files are written leaves an earlier conversion's folder as it
+    was (and no staging folder); the next successful one replaces it."""
+    first, second = build_official(MLSTM_ONLY, seed=1), build_official(MLSTM_ONLY, seed=2)
+    out = convert_official_checkpoint(write_checkpoint(tmp_path / "first", MLSTM_ONLY, official_state_dict(first)),
+                                      tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    src = write_checkpoint(tmp_path / "second", MLSTM_ONLY, official_state_dict(second))
+
+    def fail(*args):
+        raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setattr(official_module, "_write_tokenizer", fail)  # after save_pretrained wrote the weights
+    with pytest.raises(OSError, match="simulated"):
+        convert_official_checkpoint(src, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "out", "second"]
+    assert_same_logits(load_converted(out), first, MLSTM_ONLY["vocab_size"])
+    monkeypatch.undo()
+    convert_official_checkpoint(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "out", "second"]
+    assert_same_logits(load_converted(out), second, MLSTM_ONLY["vocab_size"])
+    with pytest.raises(ValueError, match="is the source folder"):
+        convert_official_checkpoint(src, src)

@@ -14,6 +14,9 @@ import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 #: activations of the sLSTM block's gated feed-forward (names as in the official package)
 FFN_ACTIVATIONS = ("gelu", "relu", "relu^2", "sigmoid", "swish", "selu")
@@ -24,6 +27,18 @@ MLSTM_MODES = ("chunkwise", "parallel")
 BLOCK_DESIGNS = ("paper", "large")
 #: kernel backends (see backends.py): "auto" = Triton for CUDA tensors when available, else PyTorch
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+#: GPT-2's <|endoftext|>, its bos, eos and pad token (the default vocabulary is GPT-2's, padded to 50304)
+GPT2_EOT_ID = 50256
+
+
+class _GPT2Default(int):
+    """The default of the special-token fields: GPT-2's id 50256, resolved in `__post_init__` to 50256 where
+    the vocabulary holds it and to None where it is smaller. A subclass of int so that `__post_init__` can
+    tell the default from a 50256 the user passed (which must fit the vocabulary)."""
+
+
+_EOT_DEFAULT = _GPT2Default(GPT2_EOT_ID)
 
 
 def round_up_dim(dim: int, factor: float, multiple_of: int) -> int:
@@ -88,6 +103,10 @@ class xLSTMConfig(PreTrainedConfig):
         qk_dim_factor: (large) width of q and k as a fraction of hidden_size (rounded up to a multiple of
             `mlstm_round_up_to`).
         v_dim_factor: (large) width of v and of the output gate as a fraction of hidden_size (rounded alike).
+        mlstm_qk_dim_override, mlstm_v_dim_override: (large) the total q/k and v widths themselves, in place of
+            the factor rule above; None (default) = the rule. The converters set them for checkpoints whose
+            source computes the width differently (transformers' xLSTM and xlstm_large truncate
+            `hidden_size * factor`). Must be divisible by `mlstm_num_heads`.
         gate_soft_cap: (large) soft cap `c * tanh(x / c)` of the input/forget gate pre-activations; None = off.
         logits_soft_cap: soft cap of the output logits; None = off (xLSTM-7B: 30).
         slstm_num_heads: heads of the sLSTM cell (head-wise recurrent matrices).
@@ -97,6 +116,10 @@ class xLSTMConfig(PreTrainedConfig):
         ffn_proj_factor: up-projection factor of the gated feed-forward (paper: after each sLSTM cell;
             large: in every block, SwiGLU with `ffn_act_fn="swish"`).
         ffn_round_up_to: rounding multiple of the feed-forward width.
+        ffn_dim_override: the feed-forward width itself, in place of `ffn_proj_factor * hidden_size` rounded
+            up to a multiple of `ffn_round_up_to`; None (default) = the rule. The converters set it where the
+            source rounds differently (transformers' xLSTM and xlstm_large round down when the product lies
+            less than 1 above a multiple: 768 * 2.667 = 2048.256 gives 2048 there, 2112 by the rule).
         ffn_act_fn: activation of the gated feed-forward.
         use_bias: biases in the mLSTM block's projections (official top-level `bias`).
         ffn_use_bias: biases in the sLSTM block's gated feed-forward (official `feedforward.bias`, which
@@ -113,6 +136,9 @@ class xLSTMConfig(PreTrainedConfig):
         kernel_backend: `"auto"` (fused Triton kernels for CUDA tensors when Triton is installed, else the
             PyTorch reference), `"torch"` or `"triton"`; the environment variable `XLSTM_KERNEL_BACKEND`
             overrides it.
+        bos_token_id, eos_token_id, pad_token_id: special token ids (eos may be a list); each must lie in
+            [0, vocab_size) or be None. Default: GPT-2's `<|endoftext|>` (50256) when the vocabulary holds it,
+            else None.
         compile_inference: run inference's per-token work through `torch.compile`: one-token decode steps
             (fused per-token work, matrix-vector products that stream the weights at memory bandwidth).
             `"auto"`: on CPU for models at least 512 wide (a one-time compile
@@ -135,6 +161,8 @@ class xLSTMConfig(PreTrainedConfig):
     mlstm_qkv_proj_blocksize: int = 4
     qk_dim_factor: float | int = 0.5
     v_dim_factor: float | int = 1.0
+    mlstm_qk_dim_override: int | None = None
+    mlstm_v_dim_override: int | None = None
     gate_soft_cap: float | int | None = None
     logits_soft_cap: float | int | None = None
     slstm_num_heads: int = 4
@@ -143,6 +171,7 @@ class xLSTMConfig(PreTrainedConfig):
     slstm_recurrent_init: str = "zeros"
     ffn_proj_factor: float | int = 1.3
     ffn_round_up_to: int = 64
+    ffn_dim_override: int | None = None
     ffn_act_fn: str = "gelu"
     use_bias: bool = False
     ffn_use_bias: bool = False
@@ -157,9 +186,9 @@ class xLSTMConfig(PreTrainedConfig):
     kernel_backend: str = "auto"
     compile_inference: bool | str = "auto"
     use_cache: bool = True
-    bos_token_id: int | None = 50256
-    eos_token_id: int | list[int] | None = 50256
-    pad_token_id: int | None = 50256
+    bos_token_id: int | None = _EOT_DEFAULT
+    eos_token_id: int | list[int] | None = _EOT_DEFAULT
+    pad_token_id: int | None = _EOT_DEFAULT
 
     def __post_init__(self, **kwargs):
         if self.compile_inference not in (True, False, "auto"):
@@ -174,6 +203,15 @@ class xLSTMConfig(PreTrainedConfig):
                      "mlstm_round_up_to", "ffn_round_up_to", "mlstm_qkv_proj_blocksize", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("ffn_dim_override", "mlstm_qk_dim_override", "mlstm_v_dim_override"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer or None (the factor rule), got {getattr(self, name)}")
+        if self.block_design == "paper":
+            for name in ("mlstm_qk_dim_override", "mlstm_v_dim_override"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to block_design='large' only (the paper design's q, k and v "
+                                     f"are all mlstm_inner_dim wide), got {getattr(self, name)}")
+        self._resolve_special_token_ids()
         if self.slstm_at is None:
             self.slstm_at = "7:1" if self.block_design == "paper" else []
         if isinstance(self.slstm_at, str):
@@ -224,6 +262,32 @@ class xLSTMConfig(PreTrainedConfig):
                 raise ValueError("slstm_bias_init='powerlaw_blockdependent' needs an sLSTM head size of at least 2")
         super().__post_init__(**kwargs)
 
+    def _resolve_special_token_ids(self) -> None:
+        """The GPT-2 default becomes 50256 or None (see `_GPT2Default`); an id given outside the vocabulary
+        is an error."""
+        for name in SPECIAL_TOKEN_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, _GPT2Default):
+                setattr(self, name, GPT2_EOT_ID if GPT2_EOT_ID < self.vocab_size else None)
+                continue
+            ids = value if isinstance(value, list) else [value]
+            if any(i is not None and not 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"{name} must be None or a token id in [0, vocab_size={self.vocab_size}), got {value}")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "xLSTMConfig":
+        """As `PreTrainedConfig.from_dict`, and loads the config.json of earlier xlstm_hf versions, which
+        wrote the GPT-2 default 50256 even for smaller vocabularies: such an id loads as None (with a warning)
+        instead of failing the vocabulary check."""
+        vocab_size = config_dict.get("vocab_size", cls.vocab_size)
+        stale = [name for name in SPECIAL_TOKEN_FIELDS
+                 if config_dict.get(name) == GPT2_EOT_ID and isinstance(vocab_size, int) and vocab_size <= GPT2_EOT_ID]
+        if stale:
+            logger.warning(f"config: {', '.join(stale)} = {GPT2_EOT_ID} outside the vocabulary (vocab_size {vocab_size}): "
+                           "GPT-2's <|endoftext|>, which earlier xlstm_hf versions saved by default; loaded as None")
+            config_dict = {**config_dict, **dict.fromkeys(stale)}
+        return super().from_dict(config_dict, **kwargs)
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "xLSTMConfig":
         """A named configuration (see `PRESETS`), e.g. `from_preset("xlstm-7b")`, with fields overridden."""
@@ -252,25 +316,33 @@ class xLSTMConfig(PreTrainedConfig):
 
     @property
     def mlstm_inner_dim(self) -> int:
+        """(paper) Width of the mLSTM block's up-projection, and of its q, k and v."""
         return round_up_dim(self.hidden_size, self.mlstm_proj_factor, self.mlstm_round_up_to)
 
     @property
     def mlstm_qk_dim(self) -> int:
         """Total width of q and k over all mLSTM heads."""
-        if self.block_design == "large":
-            return round_up_dim(self.hidden_size, self.qk_dim_factor, self.mlstm_round_up_to)
-        return self.mlstm_inner_dim
+        if self.block_design != "large":
+            return self.mlstm_inner_dim
+        if self.mlstm_qk_dim_override is not None:
+            return self.mlstm_qk_dim_override
+        return round_up_dim(self.hidden_size, self.qk_dim_factor, self.mlstm_round_up_to)
 
     @property
     def mlstm_v_dim(self) -> int:
         """Total width of v (and of the mLSTM cell output) over all mLSTM heads."""
-        if self.block_design == "large":
-            return round_up_dim(self.hidden_size, self.v_dim_factor, self.mlstm_round_up_to)
-        return self.mlstm_inner_dim
+        if self.block_design != "large":
+            return self.mlstm_inner_dim
+        if self.mlstm_v_dim_override is not None:
+            return self.mlstm_v_dim_override
+        return round_up_dim(self.hidden_size, self.v_dim_factor, self.mlstm_round_up_to)
 
     @property
     def ffn_dim(self) -> int:
+        """Width of the gated feed-forward (each of its gate and up halves)."""
+        if self.ffn_dim_override is not None:
+            return self.ffn_dim_override
         return round_up_dim(self.hidden_size, self.ffn_proj_factor, self.ffn_round_up_to)
 
 
-__all__ = ["PRESETS", "xLSTMConfig"]
+__all__ = ["GPT2_EOT_ID", "PRESETS", "xLSTMConfig"]
