@@ -7,7 +7,8 @@ added as special token id 50256.
 The BPE merges are derived from the ranks (nothing is downloaded): for every multi-byte token, in
 rank order, the rank-based byte-pair merge is run on the token's bytes, using only merges of rank
 lower than the token itself, until two parts remain; those two parts form the merge that creates the
-token. Token bytes are then mapped to GPT-2's printable byte-to-unicode alphabet and a
+token. Token bytes are then mapped to GPT-2's printable byte-to-unicode alphabet (transformers'
+``bytes_to_unicode``) and a
 ``tokenizers.Tokenizer`` (BPE model, ByteLevel pre-tokenizer with GPT-2's regex, ByteLevel decoder,
 ByteLevel post-processor) is wrapped in transformers' ``GPT2Tokenizer`` and saved with
 ``save_pretrained``, so that ``AutoTokenizer.from_pretrained(out_dir)`` loads it offline.
@@ -27,6 +28,8 @@ from __future__ import annotations
 import argparse
 import base64
 from pathlib import Path
+
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RANKS = REPO_ROOT.parent / "shared" / "data" / "gpt2" / "gpt2.tiktoken"
@@ -54,22 +57,6 @@ def load_ranks(path: str | Path) -> dict[bytes, int]:
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: ranks are not a permutation of 0..{len(ranks) - 1}")
     return ranks
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters.
-
-    Printable Latin-1 bytes map to themselves; the remaining bytes (controls, space, ...) map to
-    code points 256, 257, ... in byte order.
-    """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    mapping = {b: chr(b) for b in keep}
-    n = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + n)
-            n += 1
-    return mapping
 
 
 def bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
@@ -119,7 +106,7 @@ def build_backend_tokenizer(ranks: dict[bytes, int]):
     if len(ranks) != EOT_ID:
         raise ValueError(f"expected {EOT_ID} ranks (ids 0..{EOT_ID - 1}), found {len(ranks)}")
 
-    byte_encoder = bytes_to_unicode()
+    byte_encoder = bytes_to_unicode()  # GPT-2's printable alphabet: byte value -> character
 
     def to_str(token: bytes) -> str:
         return "".join(byte_encoder[b] for b in token)

@@ -163,8 +163,10 @@ def argument_error_cases(tmp_path) -> list[tuple[list[str], str]]:
          """xlstm-hf train: error: --config-overrides must be a JSON object, e.g. '{"dropout": 0.1}'"""),
         (train + ["--resume-from-checkpoint", str(tmp_path / "missing")],
          f"xlstm-hf train: error: no checkpoint folder at {tmp_path / 'missing'}"),
-        (["train", str(text), "--output-dir", str(text)], f"xlstm-hf train: error: --output-dir {text} is a file, not a folder"),
-        (["convert", str(tmp_path / "missing"), "out"], f"xlstm-hf convert: error: no checkpoint folder at {tmp_path / 'missing'}"),
+        (["train", str(text), "--output-dir", str(text)],
+         f"xlstm-hf train: error: --output-dir {text} is a file, not a folder"),
+        (["convert", str(tmp_path / "missing"), "out"],
+         f"xlstm-hf convert: error: no checkpoint folder at {tmp_path / 'missing'}"),
         (["convert", str(tmp_path / "src"), "out", "--weight-mode", "fused"],
          "xlstm-hf convert: error: --weight-mode applies to --to transformers only"),
     ]

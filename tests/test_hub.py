@@ -22,7 +22,16 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 import xlstm_hf
 from xlstm_hf import xLSTMConfig, xLSTMForCausalLM, xLSTMModel, load_gpt2_tokenizer
-from xlstm_hf.hub import model_card, recurrent_state_size, remote_code_problems, use_xlstm_model_card
+import xlstm_hf.hub as hub_module
+from xlstm_hf.hub import (
+    CARD_TAGS,
+    model_card,
+    recurrent_state_size,
+    remote_code_problems,
+    use_xlstm_model_card,
+    xLSTMModelCardMixin,
+)
+from xlstm_hf.modeling_xlstm import CACHE_NAME
 
 from conftest import paper_only, randomise_
 
@@ -151,7 +160,20 @@ def load_uploaded(files: dict[str, bytes], folder: Path) -> xLSTMForCausalLM:
 def test_model_code_can_travel():
     assert not remote_code_problems(xLSTMForCausalLM), code_problems_message()
     assert CODE_TRAVELS
-    assert {"configuration_xlstm.py", "modeling_xlstm.py", "cells.py", "hub.py"} <= CODE_FILES
+    # the model, its config and the modules the model needs; not our Hub tooling (hub.py)
+    assert CODE_FILES == {"configuration_xlstm.py", "modeling_xlstm.py", "cells.py", "backends.py"}
+
+
+def test_models_are_tagged_with_add_model_tags(monkeypatch):
+    from transformers import PreTrainedModel
+
+    calls = []
+    add_model_tags = PreTrainedModel.add_model_tags
+    monkeypatch.setattr(PreTrainedModel, "add_model_tags",
+                        lambda self, tags: calls.append(list(tags)) or add_model_tags(self, tags))
+    first, second = tiny_gpt2_model(), tiny_gpt2_model()
+    assert calls == [list(CARD_TAGS)] * 4  # each causal LM and its backbone (an xLSTMModel)
+    assert first.model_tags == list(CARD_TAGS) and first.model_tags is not second.model_tags  # per instance
 
 
 def test_push_to_hub_uploads_weights_config_code_and_our_card(hub, tmp_path):
@@ -319,6 +341,47 @@ def test_without_the_template_saving_and_pushing_still_work(hub, tmp_path, monke
     meta, body = front_matter(hub.readme())
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
     assert {"xlstm", "xlstm_paper", "recurrent"} <= set(meta["tags"]) and "trust_remote_code=True" in body
+    assert "pip install xlstm-hf" not in body and "no install needed" in body
+
+
+def test_card_says_how_to_install_and_continue_from_a_cache(monkeypatch):
+    """No `pip install xlstm-hf` (not on PyPI): an install from the project's repository when pyproject.toml
+    names one, else none; loading with trust_remote_code needs no install; the cache argument is the one the
+    installed transformers uses."""
+    model = tiny_gpt2_model()
+    for url in ("https://example.org/someone/xlstm-hf", None):
+        monkeypatch.setattr(hub_module, "repository_url", lambda: url)
+        _, body = front_matter(str(model_card(model, model_name=REPO)))
+        assert "pip install xlstm-hf" not in body and "pypi.org" not in body
+        if url:
+            assert f'With the package installed (`pip install "xlstm-hf @ git+{url}"`), `import xlstm_hf`' in body
+            assert f"[`xlstm-hf`]({url})" in body
+        else:
+            assert "Where the `xlstm-hf` package is installed, `import xlstm_hf` registers" in body
+            assert "pip install" not in body
+        assert "Without the package (no install beyond transformers and torch)" in body
+        assert f'AutoModelForCausalLM.from_pretrained("{REPO}", trust_remote_code=True)' in body
+        assert f"model.generate(ids, {CACHE_NAME}=out.{CACHE_NAME}, ...)" in body
+        if CACHE_NAME == "cache":  # transformers >= 5.24: past_key_values is the deprecated name
+            assert "past_key_values" not in body
+
+
+def test_repository_url_comes_from_the_package_metadata(monkeypatch):
+    import email.message
+    import importlib.metadata
+
+    def fake_metadata(urls):
+        message = email.message.Message()
+        for url in urls:
+            message["Project-URL"] = url
+        return lambda name: message
+
+    monkeypatch.setattr(importlib.metadata, "metadata",
+                        fake_metadata(["Documentation, https://docs.example.org", "Repository, https://example.org/x.git"]))
+    assert hub_module.repository_url() == "https://example.org/x.git"
+    assert hub_module.install_command() == 'pip install "xlstm-hf @ git+https://example.org/x.git"'
+    monkeypatch.setattr(importlib.metadata, "metadata", fake_metadata(["Documentation, https://docs.example.org"]))
+    assert hub_module.repository_url() is None and hub_module.install_command() is None
 
 
 def test_card_describes_other_layouts_and_base_model_paths():
@@ -448,6 +511,25 @@ def test_card_after_trainer_fine_tuning(trained):
     assert "| Steps | 10 |" in from_dict and f"| Evaluation perplexity | {math.exp(2.0):,.2f} |" in from_dict
 
 
+def test_trainer_class_with_the_card_mixin(trained, hub):
+    """`class CardTrainer(xLSTMModelCardMixin, Trainer)`: push_to_hub writes our card, with the card options
+    Trainer.push_to_hub passes to create_model_card (finetuned_from, dataset_tags, license)."""
+    from transformers import Trainer
+
+    class CardTrainer(xLSTMModelCardMixin, Trainer):
+        pass
+
+    trained_trainer, _ = trained
+    trainer = CardTrainer(model=trained_trainer.model, args=trained_trainer.args,
+                          processing_class=trained_trainer.processing_class)
+    trainer.state = trained_trainer.state
+    trainer.push_to_hub(finetuned_from="tester/xlstm-base", dataset_tags="tester/corpus", license="mit")
+    meta, body = front_matter(hub.commits[-1].files["README.md"].decode())
+    assert meta["base_model"] == "tester/xlstm-base" and meta["datasets"] == ["tester/corpus"]
+    assert meta["license"] == "mit" and {"xlstm", "xlstm_paper", "recurrent"} <= set(meta["tags"])
+    assert f"# {REPO}\n" in body and "## Training" in body and "Trainer had access to" not in body
+
+
 def test_trainer_push_to_hub_cards(trained, hub):
     trainer, _ = trained
     # Trainer's own card (create_model_card overwrites README.md), tagged with the model's model_tags
@@ -458,8 +540,12 @@ def test_trainer_push_to_hub_cards(trained, hub):
     assert {"generated_from_trainer", "xlstm", "xlstm_paper", "recurrent"} <= set(meta["tags"])
     assert "generated automatically according to the information the Trainer had access to" in body
 
-    # with use_xlstm_model_card: our card, with the Trainer's metadata merged in
-    use_xlstm_model_card(trainer, base_model="tester/xlstm-base")
+    # with use_xlstm_model_card: our card, with the Trainer's metadata merged in; the trainer is now an instance of a
+    # subclass of its class (no method patched onto the instance)
+    trainer_class = type(trainer)
+    assert use_xlstm_model_card(trainer, base_model="tester/xlstm-base") is trainer
+    assert isinstance(trainer, trainer_class) and isinstance(trainer, xLSTMModelCardMixin)
+    assert "create_model_card" not in vars(trainer)
     trainer.push_to_hub()
     meta, body = front_matter(hub.commits[-1].files["README.md"].decode())
     assert {"generated_from_trainer", "xlstm", "xlstm_paper", "recurrent"} <= set(meta["tags"])
@@ -564,13 +650,14 @@ def test_trust_remote_code_without_xlstm_hf(hub, tmp_path):
     folder = tmp_path / "xlstm-tiny"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    assert CODE_FILES <= set(os.listdir(folder))
+    assert CODE_FILES <= set(os.listdir(folder)) and "hub.py" not in os.listdir(folder)
     # what push_to_hub uploaded, as a download in an offline Hub cache
     model.push_to_hub(REPO, tokenizer=tokenizer)
     commit_hash = "0123456789abcdef0123456789abcdef01234567"
     repo_cache = tmp_path / "hf-cache" / f"models--{REPO.replace('/', '--')}"
     (repo_cache / "refs").mkdir(parents=True)
     (repo_cache / "refs" / "main").write_text(commit_hash)
+    assert "hub.py" not in hub.repos[REPO]
     for name, data in hub.repos[REPO].items():
         (repo_cache / "snapshots" / commit_hash).mkdir(parents=True, exist_ok=True)
         (repo_cache / "snapshots" / commit_hash / name).write_bytes(data)
@@ -605,6 +692,45 @@ def test_trust_remote_code_without_xlstm_hf(hub, tmp_path):
     large_module, large_design, large_logits_equal, large_greedy_equal = result["large"]
     assert large_module.startswith("transformers_modules.") and large_design == "large"
     assert large_logits_equal and large_greedy_equal
+
+
+INSTALLED_REMOTE_SCRIPT = textwrap.dedent('''
+    import json
+    import os
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, expected_file, resaved = sys.argv[1:4]
+    expected = torch.load(expected_file)
+    # xlstm_hf is installed but not imported: the copied modeling_xlstm.py imports xlstm_hf.hub (and so the package)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    greedy = model.generate(expected["ids"], max_new_tokens=8, do_sample=False)
+    model.save_pretrained(resaved)
+    import xlstm_hf.hub
+
+    print(json.dumps({"class": type(model).__module__, "greedy_equal": torch.equal(greedy, expected["greedy"]),
+                      "hub_mixin": isinstance(model, xlstm_hf.hub.xLSTMHubMixin),
+                      "resaved": sorted(os.listdir(resaved))}))
+''')
+
+
+def test_trust_remote_code_where_xlstm_hf_is_installed_but_not_imported(tmp_path):
+    """The copied code then uses the installed Hub tooling (no circular import): our card on save_pretrained."""
+    model = tiny_gpt2_model()
+    model.save_pretrained(tmp_path / "folder")
+    greedy = model.generate(PROMPT_IDS, max_new_tokens=8, do_sample=False)
+    torch.save({"ids": PROMPT_IDS, "greedy": greedy}, tmp_path / "expected.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", INSTALLED_REMOTE_SCRIPT, str(tmp_path / "folder"),
+                          str(tmp_path / "expected.pt"), str(tmp_path / "resaved")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["class"].startswith("transformers_modules.") and result["greedy_equal"] and result["hub_mixin"]
+    assert set(result["resaved"]) == MODEL_FILES | CODE_FILES  # README.md: our card, written by the installed mixin
 
 
 def test_saved_folders_load_local_classes_with_xlstm_hf_installed(tmp_path, design):

@@ -10,6 +10,8 @@ gates: write "mlstm.igate". Large design (xLSTM-7B's block): every projection is
 `mlstm.{q_proj, k_proj, v_proj, ogate, igate, fgate, down_proj}` and `ffn.{up_proj, down_proj}` can all be targeted.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -20,6 +22,11 @@ from xlstm_hf.modeling_xlstm import GateLinear, Linear
 
 pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+# PEFT (0.21) reads `model.is_gradient_checkpointing` in PeftModel.__init__, a property transformers 5.24
+# deprecates with a FutureWarning, for every model; our code never reads it (test_lora_flow_reads_no_deprecated_property)
+DEPRECATED_PROPERTY = "`is_gradient_checkpointing` is deprecated"
+pytestmark = pytest.mark.filterwarnings(f"ignore:{DEPRECATED_PROPERTY}:FutureWarning")
 
 TARGETS = {
     "paper": ["up_proj", "down_proj", "mlstm.igate", "mlstm.fgate"],
@@ -69,6 +76,40 @@ def trained(request):
         losses.append(loss.item())
     model.eval()
     return model, losses, before, design
+
+
+def test_lora_flow_reads_no_deprecated_property(monkeypatch, tmp_path):
+    """README's LoRA flow (wrap, train, generate, save, reload, merge, save, load) warns about nothing that our code
+    does: the only FutureWarning is `is_gradient_checkpointing`, and only PEFT reads that property."""
+    import sys
+    import warnings
+
+    from transformers import PreTrainedModel
+
+    readers = []
+    deprecated = PreTrainedModel.is_gradient_checkpointing
+
+    def is_gradient_checkpointing(self):
+        readers.append(sys._getframe(1).f_code.co_filename)
+        return deprecated.fget(self)
+
+    monkeypatch.setattr(PreTrainedModel, "is_gradient_checkpointing", property(is_gradient_checkpointing))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora = get_peft_model(base_model(), lora_config())
+        ids = batch(size=2, length=16)
+        lora.train()
+        lora(input_ids=ids, labels=ids).loss.backward()
+        lora.eval()
+        lora.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        lora.save_pretrained(tmp_path / "adapter")
+        merged = PeftModel.from_pretrained(base_model(), tmp_path / "adapter").merge_and_unload()
+        merged.save_pretrained(tmp_path / "merged")
+        AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert readers and all("peft" in Path(filename).parts for filename in readers), readers
+    ours = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+            and DEPRECATED_PROPERTY not in str(w.message)]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
 
 
 def test_lora_wraps_exactly_the_linear_projections(design):

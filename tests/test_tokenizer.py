@@ -277,6 +277,20 @@ def test_shipped_vocab_equals_rank_file():
     assert shipped_mergeable_ranks() == ranks
 
 
+def test_build_script_uses_transformers_byte_alphabet():
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    sys.path.insert(0, str(REPO_ROOT / "conversion"))
+    try:
+        import build_gpt2_tokenizer
+    finally:
+        sys.path.remove(str(REPO_ROOT / "conversion"))
+    assert build_gpt2_tokenizer.bytes_to_unicode is bytes_to_unicode  # the library's, not a copy
+    # the alphabet of the shipped vocabulary: every single-byte token is that byte's character
+    vocab = json.loads((GPT2_TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    assert all(char in vocab for char in bytes_to_unicode().values())
+
+
 @needs_ranks
 def test_build_script_reproduces_shipped_files(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "conversion"))

@@ -10,8 +10,9 @@ things:
 
 * `save_pretrained(folder)` also writes ``README.md`` (our card) when the folder has none; an existing
   README is never touched. It fills `config.auto_map` for AutoConfig, AutoModel and AutoModelForCausalLM
-  (the classes are registered with `register_for_auto_class`, so the code files travel with the weights),
-  and sets the generation config's pad token to eos when it has none.
+  (the classes are registered with `register_for_auto_class`, so the model code travels with the weights:
+  configuration_xlstm.py, modeling_xlstm.py and the modules they need, not this file), and sets the
+  generation config's pad token to eos when it has none.
 * `push_to_hub(repo_id, ...)` uploads our card as ``README.md`` instead of transformers' generic one. What
   happens to a card already on the Hub is chosen with `model_card=`:
 
@@ -27,23 +28,27 @@ things:
   `tokenizer=` puts the tokenizer files in the same commit; `license`, `datasets`, `base_model`, `training`
   and `model_name` go to `model_card`. `save_pretrained(folder, push_to_hub=True)` uses the ``"auto"``
   card and, like transformers, writes the uploaded card into the folder's README.md.
-* Every instance carries `model_tags` (xlstm, xlstm_paper, recurrent), which `Trainer.push_to_hub` adds to
-  the tags of its own card.
+* Every instance carries `model_tags` (xlstm, xlstm_paper, recurrent; set with `add_model_tags`), which
+  `Trainer.push_to_hub` adds to the tags of its own card.
 
 `Trainer.push_to_hub()` does not call the model's `push_to_hub`: it saves the model (our README is written
 if the output folder has none), then `Trainer.create_model_card` overwrites README.md with the Trainer's
 card (hyperparameters and results, tagged with our `model_tags`) and uploads the folder. To upload our card
-instead, either push the model yourself with `model.push_to_hub(repo_id, training=trainer)`, or call
-`use_xlstm_model_card(trainer)` once: Trainer's card is then still written first, and ours replaces it with
-the Trainer's metadata (model-index, datasets, base_model, license, language, tags) merged in.
+instead, either push the model yourself with `model.push_to_hub(repo_id, training=trainer)`, or use a
+Trainer class with `xLSTMModelCardMixin` in front (`class MyTrainer(xLSTMModelCardMixin, Trainer)`), or call
+`use_xlstm_model_card(trainer)` once on a trainer built elsewhere: Trainer's card is then still written
+first, and ours replaces it with the Trainer's metadata (model-index, datasets, base_model, license,
+language, tags) merged in.
 
-This file is copied next to the weights by `save_pretrained` (a sibling import of `modeling_xlstm.py`), so
-it imports only the standard library, transformers and huggingface_hub, and works without its template:
-under `trust_remote_code` (xlstm_hf not installed) `save_pretrained` writes no README and `push_to_hub`
-falls back to a plain card.
+This file is not copied next to the weights: `modeling_xlstm.py` imports the mixin by its absolute name in
+a `try` block (transformers copies only the relative imports), and where xlstm_hf is not installed, remote
+code gets a plain stand-in mixin. So it must not import `modeling_xlstm` at module level (that module
+imports this one). It still works without its template (e.g. from a zipped or partial install): then
+`save_pretrained` writes no README and `push_to_hub` falls back to a plain card.
 """
 
 import ast
+import functools
 import importlib.resources
 import inspect
 import json
@@ -169,6 +174,9 @@ def model_card(model, *, license="apache-2.0", datasets=None, base_model=None, t
             is_causal_lm=is_causal_lm,
             auto_class="AutoModelForCausalLM" if is_causal_lm else "AutoModel",
             code_files=_code_files(model),
+            cache_name=getattr(sys.modules[type(model).__module__], "CACHE_NAME", "past_key_values"),
+            repository_url=repository_url(),
+            install_command=install_command(),
         )
 
 
@@ -252,39 +260,60 @@ def is_generated_card(card) -> bool:
     return any(sign in text for sign in _GENERATED_CARD_SIGNS)
 
 
-def use_xlstm_model_card(trainer, *, license=None, datasets=None, base_model=None, model_name=None):
-    """Make `trainer.create_model_card` (and so `trainer.push_to_hub`) write our card.
+class xLSTMModelCardMixin:
+    """Put in front of a `transformers.Trainer` class (`class MyTrainer(xLSTMModelCardMixin, Trainer)`) to make
+    its `create_model_card`, and so `push_to_hub`, write our card.
 
     Trainer's own card is written first, as usual; ours then replaces it, carrying the Trainer's metadata
-    (model-index, datasets, base_model, license, language, tags) and showing the training details from
-    `trainer`. Explicit `license` / `datasets` / `base_model` / `model_name` win over what the Trainer
-    found. Models that are not xLSTM models (e.g. PEFT-wrapped ones) keep the Trainer's card. Returns the
-    trainer.
+    (model-index, datasets, base_model, license, language, tags) and showing the training details of the
+    trainer. The card options are `create_model_card`'s own (`push_to_hub(**kwargs)` passes them on):
+    `license`, `finetuned_from` (our base_model), `dataset_tags` / `dataset` (our datasets), `model_name`;
+    the entries of `xlstm_card` (license, datasets, base_model, model_name; set by `use_xlstm_model_card`)
+    win over them. Models that are not xLSTM models (e.g. PEFT-wrapped ones) keep the Trainer's card.
     """
-    trainer_create_model_card = trainer.create_model_card
 
-    def create_model_card(*args, **kwargs):
-        trainer_create_model_card(*args, **kwargs)
-        if not trainer.is_world_process_zero():
+    xlstm_card: dict = {}
+
+    def create_model_card(self, *args, **kwargs):
+        super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero():
             return
-        model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
         if not isinstance(model, xLSTMHubMixin):
             return
-        path = os.path.join(trainer.args.output_dir, "README.md")
+        given = inspect.signature(super().create_model_card).bind(*args, **kwargs).arguments
+        options = {key: value for key, value in self.xlstm_card.items() if value is not None}
+        path = os.path.join(self.args.output_dir, "README.md")
         previous = ModelCard.load(path) if os.path.isfile(path) else None
-        name = (model_name or getattr(trainer, "hub_model_id", None) or kwargs.get("model_name")
-                or Path(trainer.args.output_dir).name)
-        processing_class = getattr(trainer, "processing_class", None)
+        name = (options.get("model_name") or getattr(self, "hub_model_id", None) or given.get("model_name")
+                or Path(self.args.output_dir).name)
+        processing_class = getattr(self, "processing_class", None)
         card = _fresh_card(
-            model, previous, license=license or kwargs.get("license"),
-            datasets=datasets or kwargs.get("dataset_tags") or kwargs.get("dataset"),
-            base_model=base_model or kwargs.get("finetuned_from"), training=trainer, model_name=name,
+            model, previous, license=options.get("license") or given.get("license"),
+            datasets=options.get("datasets") or given.get("dataset_tags") or given.get("dataset"),
+            base_model=options.get("base_model") or given.get("finetuned_from"), training=self, model_name=name,
             tokenizer=processing_class if hasattr(processing_class, "__len__") else None,
-            tags=_as_list(kwargs.get("tags")) + list(getattr(model, "model_tags", None) or []),
+            tags=_as_list(given.get("tags")) + list(getattr(model, "model_tags", None) or []),
         )
         card.save(path)
 
-    trainer.create_model_card = create_model_card
+
+@functools.cache
+def _with_model_card(trainer_class: type) -> type:
+    """`trainer_class` with `xLSTMModelCardMixin` in front (one class per Trainer class)."""
+    return type(trainer_class.__name__, (xLSTMModelCardMixin, trainer_class),
+                {"__module__": trainer_class.__module__, "__qualname__": trainer_class.__qualname__})
+
+
+def use_xlstm_model_card(trainer, *, license=None, datasets=None, base_model=None, model_name=None):
+    """Make `trainer.create_model_card` (and so `trainer.push_to_hub`) write our card, for a trainer built
+    elsewhere: it becomes an instance of its class with `xLSTMModelCardMixin` in front (a subclass, so
+    isinstance checks still hold). Explicit `license` / `datasets` / `base_model` / `model_name` win over
+    what the Trainer found. Returns the trainer.
+    """
+    if not isinstance(trainer, xLSTMModelCardMixin):
+        trainer.__class__ = _with_model_card(type(trainer))
+    trainer.xlstm_card = dict(license=license, datasets=datasets, base_model=base_model, model_name=model_name)
     return trainer
 
 
@@ -343,8 +372,7 @@ class xLSTMHubMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not self.model_tags:
-            self.model_tags = list(CARD_TAGS)  # per instance: add_model_tags appends in place
+        self.add_model_tags(list(CARD_TAGS))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus README.md (our card) when the folder has none, `auto_map`
@@ -526,8 +554,10 @@ def _fresh_card(model, previous, *, license=None, datasets=None, base_model=None
             ModelCardData(library_name="transformers", pipeline_tag="text-generation", license=license,
                           tags=_unique(list(CARD_TAGS) + _as_list(tags))),
             model_description="An xLSTM language model (Beck et al. 2024, arXiv:2405.04517), model type "
-                              "`xlstm_paper`; load it with `pip install xlstm-hf` and `import xlstm_hf`, or with "
-                              "`trust_remote_code=True`.",
+                              "`xlstm_paper`. Load it with `trust_remote_code=True` (no install needed: the model "
+                              "code is stored with the weights)"
+                              + (f", or after `{install_command()}` and `import xlstm_hf`." if install_command()
+                                 else ", or with `import xlstm_hf` where the xlstm-hf package is installed."),
         )
     if old:
         new = card.data.to_dict()
@@ -563,6 +593,30 @@ def _hf_api():
         from huggingface_hub import HfApi
 
         return HfApi()
+
+
+def repository_url() -> str | None:
+    """The project's repository URL (`[project.urls] Repository` in pyproject.toml), read from the installed
+    package's metadata; None when it declares none."""
+    try:
+        from importlib.metadata import metadata
+
+        urls = metadata("xlstm-hf").get_all("Project-URL") or []
+    except Exception:
+        return None
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("repository", "source", "source code") and url.strip():
+            return url.strip()
+    return None
+
+
+def install_command() -> str | None:
+    """A pip command that installs xlstm-hf: from its repository (it is not on PyPI); None without one."""
+    url = repository_url()
+    if url is None:
+        return None
+    return f'pip install "xlstm-hf @ git+{url}"'
 
 
 def _package_version() -> str:
@@ -809,4 +863,5 @@ __all__ = [
     "summarize_training",
     "use_xlstm_model_card",
     "xLSTMHubMixin",
+    "xLSTMModelCardMixin",
 ]
