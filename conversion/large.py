@@ -20,13 +20,19 @@ all three formats, so no value changes (unless `dtype=` is asked). What differs:
 - ours keeps q, k, v, the output gate and the input / forget gates as separate tensors; "fused" sources
   stack them row-wise in `qkv_opreact` ([q | k | v | o]) and `ifgate_preact` ([i | f]);
 - our feed-forward up-projection is one tensor [gate | up]; "single" sources hold `proj_up_gate` and
-  `proj_up`, "fused" ones `proj_up_gate_z` (the same stacking as ours).
+  `proj_up`, "fused" ones `proj_up_gate_z` (the same stacking as ours);
+- the sources truncate q/k and v widths and round the feed-forward width down where ours rounds up
+  (`their_widths`); where the two differ, the converted config states the source's widths
+  (`mlstm_qk_dim_override`, `mlstm_v_dim_override`, `ffn_dim_override`), and export writes them back.
 
 Streaming: the weights are never loaded as a whole. Source shards are opened one at a time with
 `safetensors.safe_open`, each output tensor is assembled from (slices of) its source tensors as soon as
 the last of them has been read, and written straight into the output shard, whose header is planned up
 front. Peak memory is about one source shard (the pages `safe_open` maps) plus one tensor; the parts of a
 fused tensor whose pieces live in different shards wait in memory until their last piece is read.
+
+Every converter writes into a staging folder next to the output folder and moves the files into place
+only at the end (`staged_output`): a conversion that fails leaves an existing output folder as it was.
 """
 
 from __future__ import annotations
@@ -158,9 +164,10 @@ def _large_config(where: str, names: dict[str, str], *, hidden: int, heads: int,
         qk, v, ffn = their_widths(hidden, qk_factor, v_factor, ffn_factor, ffn_round)
     except (TypeError, ZeroDivisionError):  # not a positive number; the config below names the field
         qk = v = ffn = None
-    ours = {"mlstm_qk_dim_override": (qk_factor, 1, qk), "mlstm_v_dim_override": (v_factor, 1, v),
-            "ffn_dim_override": (ffn_factor, ffn_round, ffn)}
-    overrides = {name: width for name, (factor, multiple, width) in ours.items()
+    # override -> (factor, our rounding multiple, the source's width)
+    rules = {"mlstm_qk_dim_override": (qk_factor, 1, qk), "mlstm_v_dim_override": (v_factor, 1, v),
+             "ffn_dim_override": (ffn_factor, ffn_round, ffn)}
+    overrides = {name: width for name, (factor, multiple, width) in rules.items()
                  if width is not None and width != round_up_dim(hidden, factor, multiple)}
     bos, eos, pad = token_ids
     kwargs = dict(
@@ -178,7 +185,7 @@ def _large_config(where: str, names: dict[str, str], *, hidden: int, heads: int,
         # where the heads do not divide a truncated width, say where it comes from (the source cannot run it either)
         truncated = (("qk_dim_factor", "q/k", qk_factor, qk), ("v_dim_factor", "v", v_factor, v))
         notes += [f"{names.get(name, name)}={factor} gives a width of {hidden * factor} for hidden size {hidden}, "
-                  f"which the source truncates to {width}"
+                  f"which the source truncates to {width} and cannot split into its heads either"
                   for name, label, factor, width in truncated
                   if width is not None and width != hidden * factor and f"{label} width {width}" in str(e)]
         raise ValueError(f"{where}: not expressible as an xlstm_hf config: {e}"
@@ -910,7 +917,7 @@ def convert_xlstm_large_checkpoint(src: str | Path, out_dir: str | Path, dtype=N
     return _convert_large(src, out_dir, "xlstm_large", config, weights, mode, dtype, max_shard_size, say, progress_bar)
 
 
-def already_xlstm_hf_message(src: str | Path) -> str:
+def _already_xlstm_hf_message(src: str | Path) -> str:
     """What to say when asked to convert one of our own checkpoints: only the large design exports."""
     src = Path(src)
     design = _read_mapping(src / "config.json").get("block_design", "paper")
@@ -942,7 +949,7 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, dtype=None,
         return convert_transformers_checkpoint(src, out_dir, dtype, max_shard_size, progress, progress_bar)
     if fmt == "xlstm_large":
         return convert_xlstm_large_checkpoint(src, out_dir, dtype, max_shard_size, progress, progress_bar)
-    raise ValueError(already_xlstm_hf_message(src))
+    raise ValueError(_already_xlstm_hf_message(src))
 
 
 def export_to_transformers(src: str | Path, out_dir: str | Path, weight_mode: str = "single", dtype=None,

@@ -14,6 +14,9 @@ to undo (see `convert_state_dict`):
   `igate` into the forget-gate slot; ours are named after the slot they feed;
 - the official sLSTM cell stores its recurrent kernel and bias in a backend-specific internal layout
   ("vanilla" or "cuda", chosen by `slstm_block.slstm.backend`); ours use the official external layout.
+
+An official config names no tokenizer, so the converted folder gets the tokenizer files stored beside the
+checkpoint, GPT-2's when asked for (`tokenizer="gpt2"`), or none (with a warning); see `_tokenizer_plan`.
 """
 
 from __future__ import annotations
@@ -514,12 +517,13 @@ def _tokenizer_plan(src_dir: Path, vocab_size, tokenizer: str | None, say) -> tu
 
 
 def _no_tokenizer_warning(src_dir: Path, out_dir: Path, vocab_size: int) -> str:
+    """The warning for an "auto" conversion that found no tokenizer: why, and how to get one."""
     how = f"save the model's tokenizer into {out_dir} (tokenizer.save_pretrained)"
     if vocab_size >= GPT2_VOCAB_SIZE:
         how = (f"if the model was trained with GPT-2's tokenizer, convert with tokenizer='gpt2' (xlstm-hf convert "
                f"--tokenizer gpt2); else {how}")
         why = (f"its config.yaml does not say which tokenizer the model was trained with (vocab_size {vocab_size} "
-               "fits GPT-2's 50257 tokens, but also GPT-NeoX's and others)")
+               f"fits GPT-2's {GPT2_VOCAB_SIZE} tokens, but also GPT-NeoX's and others)")
     else:
         why = "its config.yaml does not name one"
     return f"no tokenizer was written to {out_dir}: {src_dir} holds no tokenizer files and {why}; {how}"
