@@ -3,7 +3,7 @@
     xlstm-hf demo [--minutes 3] [--output-dir xlstm-demo]
     xlstm-hf generate --model xlstm-demo --prompt "ROMEO:"
     xlstm-hf train my_texts/ --output-dir xlstm-mine [--model xlstm-demo] [--max-steps 500]
-    xlstm-hf convert path/to/checkpoint path/to/out [--dtype bfloat16]
+    xlstm-hf convert path/to/checkpoint path/to/out [--dtype bfloat16] [--tokenizer gpt2]
     xlstm-hf convert path/to/xlstm_hf-checkpoint path/to/out --to transformers [--weight-mode fused]
 
 A top-level module, outside the `xlstm_hf` package, because importing anything from the package runs
@@ -144,6 +144,8 @@ def check_convert(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"no checkpoint folder at {args.src}")
     if args.weight_mode is not None and args.to != "transformers":
         raise ValueError("--weight-mode applies to --to transformers only")
+    if args.tokenizer != "auto" and args.to == "transformers":
+        raise ValueError("--tokenizer applies to conversions into xlstm_hf only")
 
 
 CHECKS = {"demo": check_demo, "generate": check_generate, "train": check_train, "convert": check_convert}
@@ -262,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                       help="largest weights file written for xLSTM-7B-style checkpoints, e.g. 5GB or 500MB "
                            "(default: %(default)s)")
+    conv.add_argument("--tokenizer", choices=("auto", "gpt2", "none"), default="auto",
+                      help="official xlstm checkpoints: auto = the tokenizer files stored with the checkpoint, if "
+                           "any (else none, with a warning); gpt2 = GPT-2's tokenizer (ids 50256); none = no "
+                           "tokenizer (default: %(default)s)")
     return parser
 
 

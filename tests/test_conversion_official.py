@@ -494,6 +494,25 @@ def test_gpt2_tokenizer_when_asked(tmp_path):
         assert max_rel_err(ours(ids).logits, official(ids)) < 5e-2
 
 
+def test_cli_tokenizer_flag(tmp_path, capsys, caplog):
+    """`xlstm-hf convert --tokenizer gpt2` ships GPT-2's tokenizer; the default writes none for a GPT-2-sized
+    vocabulary that does not say whose it is (and says how to get one); --tokenizer with --to transformers
+    is refused before anything loads."""
+    from xlstm_hf.cli import main
+
+    src = write_checkpoint(tmp_path / "official", GPT2_SIZED, official_state_dict(build_official(GPT2_SIZED)))
+    assert main(["convert", str(src), str(tmp_path / "gpt2"), "--tokenizer", "gpt2"]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "gpt2").eos_token_id == 50256
+    assert main(["convert", str(src), str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "tokenizer.json").exists()
+    assert "no tokenizer was written" in caplog.text and "xlstm-hf convert --tokenizer gpt2" in caplog.text
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(src), str(tmp_path / "back"), "--to", "transformers", "--tokenizer", "gpt2"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "xlstm-hf convert: error: --tokenizer applies to conversions into xlstm_hf only"
+
+
 def test_small_vocab_has_no_tokenizer(tmp_path):
     official = build_official(MLSTM_ONLY)
     src = write_checkpoint(tmp_path / "official", MLSTM_ONLY, official_state_dict(official))

@@ -133,6 +133,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise OSError(f"checkpoint conversion is not available in this installation ({error})") from error
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    tokenizer = None if args.tokenizer == "none" else args.tokenizer
     if args.to == "transformers":
         out = large.export_to_transformers(src, args.out, weight_mode=args.weight_mode or "single", dtype=dtype,
                                            max_shard_size=args.max_shard_size, progress=print)
@@ -142,7 +143,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     fmt = large.detect_format(src, strict=False)  # None: neither config.json nor config.yaml
     if fmt in (None, "official"):
         try:
-            out = official.convert_official_checkpoint(src, args.out, dtype, progress=print)
+            out = official.convert_official_checkpoint(src, args.out, dtype, progress=print, tokenizer=tokenizer)
         except ValueError as error:
             # tried as an official checkpoint for lack of a config file: say everything that was looked for
             if fmt is None and str(error).startswith("no config.yaml"):
@@ -150,7 +151,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise
         fmt = fmt or "official"
     else:
-        out = large.convert_checkpoint(src, args.out, dtype, max_shard_size=args.max_shard_size, progress=print)
+        out = large.convert_checkpoint(src, args.out, dtype, max_shard_size=args.max_shard_size, progress=print,
+                                   tokenizer=tokenizer)
     print(f"converted {src} ({fmt} checkpoint) -> {out or args.out}; load it with AutoModelForCausalLM.from_pretrained "
           f"after `import xlstm_hf`")
     return 0
