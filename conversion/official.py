@@ -504,8 +504,6 @@ def _tokenizer_plan(src_dir: Path, vocab_size, tokenizer: str | None, say) -> tu
     more is not necessarily GPT-2's (50304 is also GPT-NeoX's padded one): "auto" takes the tokenizer files
     stored in the source folder, if any, and ships none otherwise. "gpt2" ships GPT-2's; None ships none.
     """
-    if tokenizer not in TOKENIZER_CHOICES:
-        raise ValueError(f"tokenizer must be one of {TOKENIZER_CHOICES}, got {tokenizer!r}")
     if tokenizer == "gpt2":
         if isinstance(vocab_size, int) and vocab_size < GPT2_VOCAB_SIZE:
             raise ValueError(f"tokenizer='gpt2': GPT-2's tokenizer has {GPT2_VOCAB_SIZE} tokens, more than the "
@@ -547,6 +545,8 @@ def convert_official_checkpoint(
     """
     say = progress or logger.info
     src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if tokenizer not in TOKENIZER_CHOICES:  # before anything is read
+        raise ValueError(f"tokenizer must be one of {TOKENIZER_CHOICES}, got {tokenizer!r}")
     check_arguments(src_dir, out_dir, dtype)
     d = load_official_config(src_dir)
     plan, token_ids = _tokenizer_plan(src_dir, d.get("vocab_size"), tokenizer, say)
