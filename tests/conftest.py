@@ -82,3 +82,16 @@ def design(request) -> str:
 @pytest.fixture
 def model(design):
     return tiny_model(design=design)
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`xlstm-hf ARGV` in this process: (exit code, stdout, stderr) of that call alone."""
+    from xlstm_hf import cli
+
+    capsys.readouterr()
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -37,6 +37,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
 import xlstm_hf
@@ -818,16 +819,6 @@ def test_streamed_conversion_memory(small_source, tmp_path):
 # Command line
 # --------------------------------------------------------------------------------------------------
 
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    from xlstm_hf import cli
-
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_convert_and_export(small_source, tmp_path, capsys):

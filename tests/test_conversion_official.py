@@ -24,6 +24,7 @@ from xlstm.blocks.slstm.block import sLSTMBlockConfig
 from xlstm.blocks.slstm.cell import sLSTMCell_cuda
 from xlstm.blocks.slstm.layer import sLSTMLayerConfig
 from xlstm.components.feedforward import FeedForwardConfig
+from conftest import run_cli
 from xlstm.xlstm_lm_model import xLSTMLMModel, xLSTMLMModelConfig
 
 import xlstm_hf  # registers our model with the Auto classes
@@ -605,18 +606,6 @@ def test_tokenizer_choices(tmp_path, caplog):
 # --------------------------------------------------------------------------------------------------
 # Unreadable weights, failed conversions
 # --------------------------------------------------------------------------------------------------
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    from xlstm_hf import cli
-
-    capsys.readouterr()
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_unreadable_weights_are_one_line_errors(tmp_path, capsys):
