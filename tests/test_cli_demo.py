@@ -288,18 +288,23 @@ def test_convert_calls_the_converter(monkeypatch, tmp_path, capsys):
 
     calls = []
 
-    def fake_convert(src, out, dtype=None, progress=None):
-        calls.append((src, out, dtype))
+    def fake_convert(src, out, dtype=None, progress=None, tokenizer="auto"):
+        calls.append((src, out, dtype, tokenizer))
         return out
 
     monkeypatch.setattr(official, "convert_official_checkpoint", fake_convert)
     (tmp_path / "src").mkdir()
     assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
-    assert [(str(s), str(o), d) for s, o, d in calls] == [(str(tmp_path / "src"), str(tmp_path / "out"), torch.bfloat16)]
+    assert [(str(s), str(o), d, t) for s, o, d, t in calls] == [
+        (str(tmp_path / "src"), str(tmp_path / "out"), torch.bfloat16, "auto")]
     assert "converted" in capsys.readouterr().out
     calls.clear()
     assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
     assert calls[0][2] is None  # the checkpoint's own dtype
+    for flag, tokenizer in (("gpt2", "gpt2"), ("none", None)):
+        calls.clear()
+        assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--tokenizer", flag]) == 0
+        assert calls[0][3] == tokenizer
 
 
 def test_convert_errors_are_one_line(monkeypatch, tmp_path, capsys):

@@ -49,7 +49,8 @@ def float32_compute(cell):
     `_up`'s float32 is what its matmuls compute in. Autocast stays on around the cells (the projections)."""
     @functools.wraps(cell)
     def wrapper(x, *args, **kwargs):
-        if not torch.is_autocast_enabled(x.device.type):
+        device = x.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
             return cell(x, *args, **kwargs)
         with torch.autocast(x.device.type, enabled=False):
             return cell(x, *args, **kwargs)
