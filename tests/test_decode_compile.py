@@ -62,10 +62,13 @@ def test_compile_inference_setting(monkeypatch):
     assert backends.compile_enabled("auto", cpu, width)
     assert not backends.compile_enabled("auto", torch.device("cuda"), 4 * width)
     assert backends.compile_enabled(True, cpu, 8) and not backends.compile_enabled(False, cpu, 4 * width)
+    monkeypatch.setattr(backends, "_said", set())
     monkeypatch.setenv(backends.COMPILE_ENV_VAR, "0")
-    assert not backends.compile_enabled(True, cpu, 4 * width)
+    with pytest.warns(UserWarning, match="XLSTM_COMPILE=0 overrides"):
+        assert not backends.compile_enabled(True, cpu, 4 * width)
     monkeypatch.setenv(backends.COMPILE_ENV_VAR, "1")
-    assert backends.compile_enabled(False, cpu, 8)
+    with pytest.warns(UserWarning, match="XLSTM_COMPILE=1 overrides"):
+        assert backends.compile_enabled(False, cpu, 8)
     with pytest.raises(ValueError, match="compile_inference"):
         tiny_model(compile_inference="yes")
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import xlstm_hf
 from xlstm_hf import xLSTMCache, xLSTMConfig, xLSTMForCausalLM, xLSTMModel
+from xlstm_hf.modeling_xlstm import CACHE_NAME
 
 
 def rel_err(a, b):
@@ -123,8 +124,9 @@ def test_continue_from_returned_cache(model):
     ids = torch.randint(1, 97, (2, 8))
     full = model.generate(ids, max_new_tokens=12, do_sample=False)
     first = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(first.past_key_values, xLSTMCache)
-    more = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=6, do_sample=False)
+    cache = getattr(first, CACHE_NAME)
+    assert isinstance(cache, xLSTMCache)
+    more = model.generate(first.sequences, max_new_tokens=6, do_sample=False, **{CACHE_NAME: cache})
     assert torch.equal(more, full)
 
 
