@@ -63,6 +63,8 @@ from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
+from .configuration_xlstm import GPT2_EOT_ID
+
 logger = logging.get_logger(__name__)
 
 TEMPLATE_PACKAGE = "xlstm_hf.model_cards"
@@ -78,7 +80,6 @@ _GENERATED_CARD_SIGNS = (
     "This is the model card of a 🤗 transformers model that has been pushed on the Hub",
     "generated automatically according to the information the Trainer had access to",
 )
-_GPT2_EOS = 50256
 _GPT2_VOCAB = 50257
 _LOG_ROWS = 20
 
@@ -748,7 +749,7 @@ def _human_bytes(n: int) -> str:
 def _is_gpt2_vocabulary(config) -> bool:
     eos = config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-    return eos == _GPT2_EOS and _GPT2_VOCAB <= config.vocab_size <= _GPT2_VOCAB + 256
+    return eos == GPT2_EOT_ID and _GPT2_VOCAB <= config.vocab_size <= _GPT2_VOCAB + 256
 
 
 def _tokenizer_text(config, tokenizer) -> str:
