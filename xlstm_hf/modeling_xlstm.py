@@ -761,6 +761,79 @@ class xLSTMModel(xLSTMPreTrainedModel):
         return None if mask.all() else mask
 
 
+# --------------------------------------------------------------------------------------------------
+# Language-model loss without (B, T, V) logits
+# --------------------------------------------------------------------------------------------------
+
+#: logits computed at a time by `linear_cross_entropy`: 2^24 fp32 values (64 MiB) per chunk
+LOSS_CHUNK_ELEMENTS = 1 << 24
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of soft_cap(hidden @ weight^T) against targets, a chunk of rows at a time.
+
+    The loss is a scalar, so its gradients are computed chunk by chunk in the forward (softmax minus
+    one-hot, through the soft cap, times hidden or weight) and only scaled in the backward: no chunk's
+    logits outlive it. Logits, softmax and gradients are float32, as the unfused loss computes them (float64
+    for float64 weights)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, cap, ignore_index, rows, grads):
+        # (`grads`: whether autograd was on at the call; inside forward it is always off)
+        needs_hidden, needs_weight = (grads and needed for needed in ctx.needs_input_grad[:2])
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # float32 (float64 for float64 weights)
+        grad_hidden = torch.zeros_like(hidden, dtype=dtype) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if needs_weight else None
+        total = hidden.new_zeros((), dtype=dtype)
+        weight32 = weight.to(dtype) if needs_hidden else None  # once, not per chunk (a copy for bf16 weights)
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start:start + rows], targets[start:start + rows]
+            raw = F.linear(h, weight).to(dtype)
+            z = soft_cap(raw, cap)
+            valid = t != ignore_index
+            safe_t = t.masked_fill(~valid, 0)
+            lse = torch.logsumexp(z, dim=-1)
+            total += ((lse - z.gather(-1, safe_t[:, None])[:, 0]) * valid).sum()
+            if needs_hidden or needs_weight:
+                g = torch.softmax(z, dim=-1)  # d loss / d z, then through the cap
+                g[torch.arange(len(t), device=t.device), safe_t] -= 1
+                g *= valid[:, None]
+                if cap is not None:
+                    g *= 1 - (z / cap).square()  # d(cap tanh(raw / cap)) / d raw
+                if needs_hidden:
+                    grad_hidden[start:start + rows] = g @ weight32
+                if needs_weight:
+                    grad_weight.addmm_(g.T, h.to(dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        dh = None if grad_hidden is None else (grad_hidden * grad_total).to(ctx.dtypes[0])
+        dw = None if grad_weight is None else (grad_weight * grad_total).to(ctx.dtypes[1])
+        return dh, dw, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, labels, cap=None, num_items_in_batch=None, ignore_index=-100,
+                         shift_labels=None):
+    """transformers' causal-LM loss (`ForCausalLMLoss`) of the logits soft_cap(hidden @ weight^T, cap),
+    computed without ever holding the (B, T, V) logits: LOSS_CHUNK_ELEMENTS logits at a time.
+
+    hidden (B, T, H); weight (V, H); labels (B, T), shifted by one here (or `shift_labels` already shifted),
+    `ignore_index` skipped; the mean over counted targets, or the sum over `num_items_in_batch`."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    total = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, cap, ignore_index, rows,
+                                      torch.is_grad_enabled())
+    if num_items_in_batch is None:
+        return total / (targets != ignore_index).sum()
+    return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+
+
 class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
     """xLSTM language model: the block stack and a linear LM head."""
 
@@ -818,34 +891,47 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: xLSTMCache | None = None,
         position_ids: torch.LongTensor | None = None,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (soft-capped if `config.logits_soft_cap`) for every position (or the last `logits_to_keep`);
         with `labels`, the shifted next-token cross-entropy (labels -100 are ignored; `kwargs` may hold the
-        loss's `num_items_in_batch`, `ignore_index`, `shift_labels`). Other inputs as in `xLSTMModel.forward`."""
+        loss's `num_items_in_batch`, `ignore_index`, `shift_labels`). Other inputs as in `xLSTMModel.forward`.
+
+        `skip_logits` (default: in training mode, when `labels` or `shift_labels` are given): compute the loss
+        a chunk of positions at a time (`linear_cross_entropy`) without the (B, T, V) logits, and return logits
+        only for the positions `logits_to_keep` asks for (none for its default 0)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        has_labels = labels is not None or kwargs.get("shift_labels") is not None
+        skip_logits = (self.training and has_labels) if skip_logits is None else skip_logits
+        if skip_logits and not has_labels:
+            raise ValueError("skip_logits=True needs labels (or shift_labels): without them there is nothing to compute")
+        # a head replaced by another module (e.g. PEFT's LoRA layer) is called as a module: logits as usual
+        skip_logits = skip_logits and type(self.lm_head) in (Linear, nn.Linear) and self.lm_head.bias is None
         loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
         outputs = self.backbone(
             input_ids, attention_mask=attention_mask, cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
             position_ids=position_ids, **kwargs,
         )
-        hidden = outputs.last_hidden_state
+        hidden = outputs.last_hidden_state.to(self.lm_head.weight.dtype)
+        loss = logits = None
+        if skip_logits:
+            loss = linear_cross_entropy(hidden, self.lm_head.weight, labels, self.config.logits_soft_cap, **loss_kwargs)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
-        hidden = hidden.to(self.lm_head.weight.dtype)
-        # decoding (one position per row): compiled, one graph per batch size up to matvec_rows
-        compiled = (hidden.shape[1] == 1 and hidden.shape[0] <= getattr(self.lm_head, "matvec_rows", 0)
-                    and inference_compiled(self, hidden.device, self.lm_head))
-        logits = soft_cap(decode_call(compiled, self.lm_head, hidden).float(), self.config.logits_soft_cap)
-        loss = None
-        if labels is not None:
+        if not (skip_logits and isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            # decoding (one position per row): compiled, one graph per batch size up to matvec_rows
+            compiled = (hidden.shape[1] == 1 and hidden.shape[0] <= getattr(self.lm_head, "matvec_rows", 0)
+                        and inference_compiled(self, hidden.device, self.lm_head))
+            logits = soft_cap(decode_call(compiled, self.lm_head, hidden).float(), self.config.logits_soft_cap)
+        if has_labels and not skip_logits:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         if not return_dict:
-            out = (logits,) + tuple(v for v in (getattr(outputs, CACHE_NAME), outputs.hidden_states) if v is not None)
-            return ((loss,) + out) if loss is not None else out
+            cache = getattr(outputs, CACHE_NAME)
+            return tuple(v for v in (loss, logits, cache, outputs.hidden_states) if v is not None)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: getattr(outputs, CACHE_NAME)}
         )

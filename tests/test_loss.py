@@ -1,0 +1,101 @@
+"""The language-model loss without (B, T, V) logits (`linear_cross_entropy`, used in training mode): the
+same loss and gradients as transformers' ForCausalLMLoss on materialised logits, and no logits-sized
+tensor on the way.
+
+Tolerances: float64 agrees to rounding (1e-12); the model's float32 loss to 1e-6 relative (the chunked
+logsumexp sums in another order)."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.loss.loss_utils import fixed_cross_entropy
+
+from xlstm_hf import modeling_xlstm
+from xlstm_hf.modeling_xlstm import linear_cross_entropy, soft_cap
+
+
+def _inputs(B=3, T=11, H=8, V=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = -100  # ignored positions (e.g. left padding)
+    return hidden, weight, labels
+
+
+def _unfused_loss(logits, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None):
+    """transformers' ForCausalLMLoss in the logits' own dtype (it upcasts to float32 only)."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return fixed_cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), num_items_in_batch,
+                               ignore_index)
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+@pytest.mark.parametrize("kwargs", [{}, {"num_items_in_batch": torch.tensor(13)}, {"ignore_index": 5}, "shift"])
+def test_linear_cross_entropy_equals_unfused_loss(monkeypatch, cap, kwargs):
+    monkeypatch.setattr(modeling_xlstm, "LOSS_CHUNK_ELEMENTS", 37 * 4)  # 4 rows a chunk: 9 chunks of 33 rows
+    hidden, weight, labels = _inputs()
+    if kwargs == "shift":  # already-shifted labels, as packed training passes them
+        kwargs = {"shift_labels": torch.roll(labels, -1, dims=1)}
+    if "ignore_index" in kwargs:
+        labels = labels.masked_fill(labels == -100, kwargs["ignore_index"])
+    ours = linear_cross_entropy(hidden, weight, labels, cap, **kwargs)
+    expected = _unfused_loss(soft_cap(hidden @ weight.T, cap), labels, **kwargs)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(ours * 1.7, (hidden, weight))
+    expected_grads = torch.autograd.grad(expected * 1.7, (hidden, weight))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_linear_cross_entropy_gradcheck():
+    hidden, weight, labels = _inputs(B=2, T=4, H=3, V=5)
+    assert torch.autograd.gradcheck(lambda h, w: linear_cross_entropy(h, w, labels, 2.0), (hidden, weight))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in elements) that any operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_training_loss_without_logits(design, monkeypatch):
+    """In training mode with labels, the loss and every parameter's gradient equal those of the unfused path
+    (skip_logits=False), no tensor of B*T*V logits is ever made, and logits come back only for
+    logits_to_keep positions."""
+    V = 1000  # a vocabulary larger than the tiny model's widths, so that logits are its largest tensor
+    monkeypatch.setattr(modeling_xlstm, "LOSS_CHUNK_ELEMENTS", V * 8)  # 8 positions per chunk
+    model = tiny_model(design=design, vocab_size=V).train()
+    ids = torch.randint(0, V, (4, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.masked_fill(torch.arange(24) < 3, -100)
+    reference = model(ids, labels=labels, skip_logits=False)
+    reference.loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    with _LargestTensor() as probe:
+        out = model(ids, labels=labels)
+        out.loss.backward()
+    assert out.logits is None
+    assert probe.largest <= V * 32  # the (V, H) head and its gradient; never the 4 * 24 * V logits
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    kept = model(ids, labels=labels, logits_to_keep=1)
+    torch.testing.assert_close(kept.logits, reference.logits[:, -1:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kept.loss, reference.loss, rtol=1e-6, atol=0)
+    assert model(ids, labels=labels, return_dict=False)[0].dim() == 0  # (loss,) without logits
+    model.eval()
+    assert model(ids, labels=labels).logits.shape == (4, 24, V)  # eval keeps HF's logits
+    with pytest.raises(ValueError, match="skip_logits=True needs labels"):
+        model(ids, skip_logits=True)
