@@ -96,52 +96,202 @@ def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, 
     return h.to(out_dtype), None
 
 
+# The chunkwise form, one chunk at a time. Per (batch, head) and chunk of L positions t, s, with the state
+# (C, n, m) carried into it and b_t = sum of log f over the chunk up to t (k already scaled by 1/sqrt(d_k)):
+#
+#     log D_ts = b_t - b_s + i~_s (s <= t)        stab_t = max(max_s log D_ts, b_t + m)       (stab0: -inf -> 0)
+#     S_ts = (q_t . k_s) exp(log D_ts - stab0_t)   carry_t = exp(b_t + m - stab0_t)
+#     h_t = (S v + carry C^T q)_t / (max(|(S 1 + carry n . q)_t|, exp(-stab_t)) + eps)
+#     m' = max(b_L + m, max_s (b_L - b_s + i~_s))  u_s = exp(b_L - b_s + i~_s - m'0)   decay = exp(b_L + m - m'0)
+#     C' = decay C + sum_s u_s k_s v_s^T            n' = decay n + sum_s u_s k_s
+#
+# The helpers below are these formulas; `mlstm_chunkwise` and the memory-saving `MLSTMChunkwiseFunction`
+# (whose backward recomputes each chunk from its boundary state) both call them.
+
+
+def _mlstm_prepare(q, k, v, i, f, initial_state):
+    """The inputs in the compute dtype, k scaled, log f, and the initial state (C, n, m)."""
+    q, k, v, i, f = _up(q, k, v, i, f)
+    B, NH, _, DK = q.shape
+    k = k / math.sqrt(DK)
+    if initial_state is None:
+        initial_state = mlstm_zero_state(B, NH, DK, v.shape[-1], q.device, q.dtype)
+    C, n, m = (s.to(q.dtype) for s in initial_state)
+    return q, k, v, i, F.logsigmoid(f), C, n, m
+
+
+def _mlstm_chunks(chunk_size, *tensors):
+    """Split (B, NH, T, D) and (B, NH, T) tensors into chunks along T: one tuple per chunk. split() rather
+    than slicing in a loop: its backward is one concatenation, not a zero-filled full-size gradient per chunk."""
+    return zip(*(t.split(chunk_size, dim=-2 if t.dim() == 4 else -1) for t in tensors))
+
+
+def _chunk_weights(b, ic, m, above_diagonal):
+    """Weights inside a chunk: w = exp(log D - stab0) (zero above the diagonal), carry (L,), stab (L,)."""
+    L = b.shape[-1]
+    log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(above_diagonal[:L, :L], float("-inf"))
+    log_carry = b + m[..., None]  # weight of the carried state at each position
+    stab = torch.maximum(log_d.amax(-1), log_carry).detach()  # = m_t of the recurrent form
+    stab0 = _finite(stab)
+    return torch.exp(log_d - stab0[..., None]), torch.exp(log_carry - stab0), stab
+
+
+def _chunk_scores(qc, kc, n, w, carry, stab, eps):
+    """The chunk's scores S (L, L), denominators and normalisers (L,)."""
+    scores = (qc @ kc.transpose(-1, -2)) * w
+    denominator = scores.sum(-1) + carry * (qc @ n[..., None]).squeeze(-1)
+    normaliser = torch.maximum(denominator.abs(), torch.exp(-stab)) + eps
+    return scores, denominator, normaliser
+
+
+def _chunk_end(b, ic, m):
+    """Weights that advance the state over the chunk: u (L,), decay, and the new stabiliser m'."""
+    log_w = b[..., -1:] - b + ic  # weight of each token's k v^T in the end-of-chunk state
+    m_new = torch.maximum(b[..., -1] + m, log_w.amax(-1)).detach()
+    m_new0 = _finite(m_new)
+    return torch.exp(log_w - m_new0[..., None]), torch.exp(b[..., -1] + m - m_new0), m_new
+
+
+def _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal):
+    """One chunk: its outputs h (B, NH, L, DV) and the state (C, n, m) at its end."""
+    b = log_fc.cumsum(-1)  # (B, NH, L)
+    w, carry, stab = _chunk_weights(b, ic, m, above_diagonal)
+    scores, _, normaliser = _chunk_scores(qc, kc, n, w, carry, stab, eps)
+    h = (scores @ vc + carry[..., None] * (qc @ C)) / normaliser[..., None]
+    u, decay, m_new = _chunk_end(b, ic, m)
+    kw = kc * u[..., None]
+    C = decay[..., None, None] * C + kw.transpose(-1, -2) @ vc
+    n = decay[..., None] * n + kw.sum(-2)
+    return h, (C, n, m_new)
+
+
+def _above_diagonal(chunk_size, T, device):
+    L_max = min(chunk_size, T)
+    return torch.ones(L_max, L_max, dtype=torch.bool, device=device).triu(1)  # built once, not per chunk
+
+
+def _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states=None):
+    """The chunk loop on prepared inputs (`_mlstm_prepare`): (h, final state). `states`, a list, receives
+    the state carried into each chunk."""
+    above_diagonal = _above_diagonal(chunk_size, q.shape[-2], q.device)
+    outputs = []
+    for qc, kc, vc, ic, log_fc in _mlstm_chunks(chunk_size, q, k, v, i, log_f):
+        if states is not None:
+            states.append((C, n, m))
+        h, (C, n, m) = _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal)
+        outputs.append(h)
+    return torch.cat(outputs, dim=-2), (C, n, m)
+
+
 @float32_compute
 def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64, **_):
     """mLSTM over a sequence chunk by chunk: memory linear in T, any T (not only multiples of chunk_size).
 
     Inside a chunk the parallel form is used, with the carried state (C, n, m) as an extra term; between
     chunks the state is advanced to the chunk's end. Shapes as in `mlstm_parallel`; `initial_state` and
-    the returned state are (C, n, m) as in `mlstm_zero_state`.
+    the returned state are (C, n, m) as in `mlstm_zero_state`. Autograd records every chunk's intermediates;
+    `mlstm_chunkwise_recompute` computes the same with a backward that recomputes them.
     """
     out_dtype = v.dtype
-    q, k, v, i, f = _up(q, k, v, i, f)
-    B, NH, _, DK = q.shape
-    k = k / math.sqrt(DK)
-    log_f = F.logsigmoid(f)
-    if initial_state is None:
-        initial_state = mlstm_zero_state(B, NH, DK, v.shape[-1], q.device, q.dtype)
-    C, n, m = (s.to(q.dtype) for s in initial_state)
-    outputs = []
-    # split() rather than slicing in the loop: its backward is one concatenation, not a zero-filled
-    # full-size gradient per chunk
-    chunks = zip(*(t.split(chunk_size, dim=-2) for t in (q, k, v)), *(t.split(chunk_size, dim=-1) for t in (i, log_f)))
-    L_max = min(chunk_size, q.shape[-2])
-    above_diagonal = torch.ones(L_max, L_max, dtype=torch.bool, device=q.device).triu(1)  # built once, not per chunk
-    for qc, kc, vc, ic, log_fc in chunks:
-        b = log_fc.cumsum(-1)  # (B, NH, L)
-        L = b.shape[-1]
-        log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(above_diagonal[:L, :L], float("-inf"))
-        log_carry = b + m[..., None]  # weight of the carried state at each position
-        stab = torch.maximum(log_d.amax(-1), log_carry).detach()  # = m_t of the recurrent form
-        stab0 = _finite(stab)
-        scores = (qc @ kc.transpose(-1, -2)) * torch.exp(log_d - stab0[..., None])
-        carry = torch.exp(log_carry - stab0)
-        numerator = scores @ vc + carry[..., None] * (qc @ C)
-        denominator = scores.sum(-1) + carry * (qc @ n[..., None]).squeeze(-1)
-        normaliser = torch.maximum(denominator.abs(), torch.exp(-stab)) + eps
-        outputs.append(numerator / normaliser[..., None])
-        # advance the state to the end of the chunk
-        log_w = b[..., -1:] - b + ic  # weight of each token's k v^T in the end-of-chunk state
-        m_new = torch.maximum(b[..., -1] + m, log_w.amax(-1)).detach()
-        m_new0 = _finite(m_new)
-        decay = torch.exp(b[..., -1] + m - m_new0)
-        kw = kc * torch.exp(log_w - m_new0[..., None])[..., None]
-        C = decay[..., None, None] * C + kw.transpose(-1, -2) @ vc
-        n = decay[..., None] * n + kw.sum(-2)
-        m = m_new
-    h = torch.cat(outputs, dim=-2).to(out_dtype)
-    return h, ((C, n, m) if output_final_state else None)
+    h, state = _mlstm_chunkwise_loop(*_mlstm_prepare(q, k, v, i, f, initial_state), eps, chunk_size)
+    return h.to(out_dtype), (state if output_final_state else None)
+
+
+class MLSTMChunkwiseFunction(torch.autograd.Function):
+    """`_mlstm_chunkwise_loop` with a hand-written backward that keeps memory linear in T: the forward runs
+    without autograd and saves the prepared inputs, h and the state carried into each chunk; the backward
+    walks the chunks in reverse, recomputes each chunk's weights and scores from its state (the helpers
+    above) and carries the state gradients (dC, dn) back across chunks. Stabilisers are constants, as in
+    the reference; the gradient of the initial m is that of the first chunk's carry and decay.
+
+    apply(q, k, v, i, log_f, C, n, m, eps, chunk_size) on prepared inputs -> h, C', n', m' (m' constant).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, i, log_f, C, n, m, eps, chunk_size):
+        states = []
+        h, (C, n, m) = _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states)
+        ctx.save_for_backward(q, k, v, i, log_f, h, *(s for state in states for s in state))
+        ctx.eps, ctx.chunk_size = eps, chunk_size
+        ctx.mark_non_differentiable(m)
+        return h, C, n, m
+
+    @staticmethod
+    def backward(ctx, dh, dC, dn, _dm):
+        # float32 as in the forward: a backward called inside an autocast region would run under it
+        device = ctx.saved_tensors[0].device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return MLSTMChunkwiseFunction._backward(ctx, dh, dC, dn)
+        return MLSTMChunkwiseFunction._backward(ctx, dh, dC, dn)
+
+    @staticmethod
+    def _backward(ctx, dh, dC, dn):
+        q, k, v, i, log_f, h, *flat = ctx.saved_tensors
+        states = [flat[j:j + 3] for j in range(0, len(flat), 3)]
+        T, L = q.shape[-2], ctx.chunk_size
+        C0, n0 = states[0][:2]
+        dh = torch.zeros_like(h) if dh is None else dh
+        dC = torch.zeros_like(C0) if dC is None else dC
+        dn = torch.zeros_like(n0) if dn is None else dn
+        dq, dk, dv, di, dlog_f = (torch.empty_like(t) for t in (q, k, v, i, log_f))
+        above_diagonal = _above_diagonal(L, T, q.device)
+        T_ = lambda x: x.transpose(-1, -2)  # noqa: E731
+        for c in reversed(range(len(states))):
+            C, n, m = states[c]
+            rows = slice(c * L, min(T, (c + 1) * L))
+            qc, kc, vc, hc, dhc = (t[..., rows, :] for t in (q, k, v, h, dh))
+            ic, log_fc = i[..., rows], log_f[..., rows]
+            b = log_fc.cumsum(-1)
+            w, carry, stab = _chunk_weights(b, ic, m, above_diagonal)
+            scores, den, normaliser = _chunk_scores(qc, kc, n, w, carry, stab, eps=ctx.eps)
+            u, decay, _ = _chunk_end(b, ic, m)
+            kw = kc * u[..., None]
+            # h = num / N, N = max(|den|, floor) + eps (torch.maximum splits a tie's gradient in halves)
+            d_num = dhc / normaliser[..., None]
+            floor = torch.exp(-stab)
+            through = torch.where(den.abs() == floor, 0.5, (den.abs() > floor).to(den.dtype))
+            d_den = -(dhc * hc).sum(-1) / normaliser * torch.sign(den) * through
+            # num = S v + carry (q C), den = S 1 + carry (q . n), S = (q k^T) * w
+            d_scores = d_num @ T_(vc) + d_den[..., None]
+            d_qk = d_scores * w
+            g_intra = d_scores * scores  # dL / d log D
+            dq_carry = carry[..., None] * (d_num @ T_(C) + d_den[..., None] * n[..., None, :])
+            # C' = decay C + (u k)^T v, n' = decay n + (u k)^T 1: dC, dn are those of the state handed on
+            d_kw = vc @ T_(dC) + dn[..., None, :]
+            dq[..., rows, :] = d_qk @ kc + dq_carry
+            dk[..., rows, :] = T_(d_qk) @ qc + d_kw * u[..., None]
+            dv[..., rows, :] = T_(scores) @ d_num + kw @ dC
+            # gates, through log D_ts = b_t - b_s + i_s, log carry_t = b_t + m, log u_s = b_L - b_s + i_s and
+            # log decay = b_L + m
+            g_carry = (dq_carry * qc).sum(-1)
+            g_end = (d_kw * kw).sum(-1)
+            g_decay = decay * ((dC * C).sum((-2, -1)) + (dn * n).sum(-1))
+            d_b = g_intra.sum(-1) - g_intra.sum(-2) + g_carry - g_end
+            d_b[..., -1] += g_end.sum(-1) + g_decay
+            di[..., rows] = g_intra.sum(-2) + g_end
+            dlog_f[..., rows] = d_b.flip(-1).cumsum(-1).flip(-1)  # b = cumsum(log f)
+            dm = g_carry.sum(-1) + g_decay
+            # the gradient of the state carried in
+            q_carry = qc * carry[..., None]
+            dC = decay[..., None, None] * dC + T_(q_carry) @ d_num
+            dn = decay[..., None] * dn + (q_carry * d_den[..., None]).sum(-2)
+        return dq, dk, dv, di, dlog_f, dC, dn, dm, None, None
+
+
+@float32_compute
+def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6,
+                              chunk_size=64, **_):
+    """`mlstm_chunkwise` (same signature, function and gradients) whose backward recomputes each chunk from
+    the state carried into it (`MLSTMChunkwiseFunction`), instead of autograd keeping every chunk's
+    intermediates: training memory is the inputs plus one (C, n, m) per chunk."""
+    out_dtype = v.dtype
+    prepared = _mlstm_prepare(q, k, v, i, f, initial_state)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in prepared):
+        h, *state = MLSTMChunkwiseFunction.apply(*prepared, eps, chunk_size)
+    else:  # nothing to differentiate: no states to keep
+        h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size)
+    return h.to(out_dtype), (tuple(state) if output_final_state else None)
 
 
 @float32_compute
