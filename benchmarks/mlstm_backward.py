@@ -1,30 +1,32 @@
 """Training cost of the chunkwise mLSTM on CPU: autograd through `cells.mlstm_chunkwise` ("reference") vs
-the recomputing backward of `cells.mlstm_chunkwise_recompute` ("recompute"), forward + backward.
+the recomputing backward of `cells.mlstm_chunkwise_recompute` ("recompute": a state per chunk kept;
+"every_sqrt": state_every=None), forward + backward.
 
 Peak memory: each (implementation, B, T) runs once in a fresh process, with glibc's mmap threshold fixed at
 64 KiB so that freed tensors go back to the system (RSS then follows the live tensors); the figure is the
-rise of the peak RSS (ru_maxrss) over the inputs. Time: both implementations alternate in one process (the
+rise of the peak RSS (VmHWM, reset before the run) over the RSS with the inputs (Linux only). Time: both implementations alternate in one process (the
 machine may be shared), median of --repeats after a warm-up. The loss reads h and the final state.
 
     python benchmarks/mlstm_backward.py [--B 1 8] [--T 512 2048] [--repeats 3] [--threads N]
 """
 
 import argparse
+import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
-IMPLS = ("reference", "recompute")
+IMPLS = ("reference", "recompute", "every_sqrt")  # every_sqrt: the state of every ceil(sqrt(NC))-th chunk
 
 
 def functions():
     from xlstm_hf import cells
 
-    return {"reference": cells.mlstm_chunkwise, "recompute": cells.mlstm_chunkwise_recompute}
+    return {"reference": cells.mlstm_chunkwise, "recompute": cells.mlstm_chunkwise_recompute,
+            "every_sqrt": functools.partial(cells.mlstm_chunkwise_recompute, state_every=None)}
 
 
 def make_step(fn, B, T, NH, D, chunk):
@@ -32,7 +34,8 @@ def make_step(fn, B, T, NH, D, chunk):
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, NH, T, D, generator=g).requires_grad_() for _ in range(3))
-    i, f = torch.randn(B, NH, T, generator=g).requires_grad_(), (torch.randn(B, NH, T, generator=g) + 3).requires_grad_()
+    i = torch.randn(B, NH, T, generator=g).requires_grad_()
+    f = (torch.randn(B, NH, T, generator=g) + 3).requires_grad_()
     inputs = (q, k, v, i, f)
 
     def step():
@@ -43,14 +46,22 @@ def make_step(fn, B, T, NH, D, chunk):
     return step
 
 
+def status_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
 def peak_memory(impl, B, T, NH, D, chunk):
-    """MiB: the rise of this process's peak RSS over the inputs during one forward + backward."""
+    """MiB: the rise of this process's peak RSS over its RSS with the inputs, during one forward + backward
+    (Linux: the peak is reset first, by writing 5 to /proc/self/clear_refs)."""
     fn = functions()[impl]
     make_step(fn, 1, chunk, NH, D, chunk)()  # warm-up at a small size (thread pools, kernels)
     step = make_step(fn, B, T, NH, D, chunk)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = status_kib("VmRSS")
     step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (status_kib("VmHWM") - before) / 1024
 
 
 def timings(B, T, NH, D, chunk, repeats):

@@ -7,6 +7,8 @@ the yardstick is the reference's own float32 error against float64: the recomput
 accurate as autograd through the reference (within 2x and a floor of a few float32 ulps).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -85,6 +87,22 @@ def test_equals_reference_float64(T, chunk_size, state):
     for losses in ((True, True), (False, True)):  # with and without a loss on the final state
         assert_same(run(mlstm_chunkwise_recompute, inputs, chunk_size, *losses),
                     run(mlstm_chunkwise, inputs, chunk_size, *losses))
+
+
+@pytest.mark.parametrize("state_every", [2, 3, None, 100])
+@pytest.mark.parametrize("T", [5, 100, 200])
+def test_states_of_every_kth_chunk(T, state_every):
+    """Keeping only every K-th chunk's state (the backward recomputes the others): the same gradients."""
+    inputs = pad(make_inputs(T=T, state=True, seed=T), torch.arange(T) % 7 == 3)
+    fn = functools.partial(mlstm_chunkwise_recompute, state_every=state_every)
+    assert_same(run(fn, inputs, 16), run(mlstm_chunkwise, inputs, 16))
+
+
+def test_state_every_must_be_positive():
+    inputs = make_inputs(T=9)
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(ValueError, match="state_every"):
+            mlstm_chunkwise_recompute(*inputs, state_every=bad)
 
 
 def test_gradient_from_the_final_state_alone():
@@ -201,13 +219,18 @@ def test_saves_inputs_and_boundary_states_only():
     ours = saved_bytes(mlstm_chunkwise_recompute, inputs, L)
     assert ours <= bound * 1.05 + 4096
     assert ours * 3 < saved_bytes(mlstm_chunkwise, inputs, L)
+    # the states of every 4th chunk only (8 chunks: 2 states)
+    state_bytes = elem * B * NH * (DK * DV + DK + 1)
+    fewer = saved_bytes(functools.partial(mlstm_chunkwise_recompute, state_every=4), inputs, L)
+    assert fewer == ours - (T // L - 2) * state_bytes
 
 
 def test_function_rejects_nothing_it_needs():
     """The Function on prepared inputs returns a constant m (no gradient) and the state as outputs."""
     q, k, v, i, f = (t.requires_grad_() for t in make_inputs(T=9))
-    C0, n0, m0 = torch.zeros(2, 2, 8, 6, dtype=F64), torch.zeros(2, 2, 8, dtype=F64), torch.full((2, 2), -torch.inf, dtype=F64)
-    h, C, n, m = MLSTMChunkwiseFunction.apply(q, k, v, i, torch.nn.functional.logsigmoid(f), C0, n0, m0, 1e-6, 4)
+    C0, n0 = torch.zeros(2, 2, 8, 6, dtype=F64), torch.zeros(2, 2, 8, dtype=F64)
+    m0 = torch.full((2, 2), -torch.inf, dtype=F64)
+    h, C, n, m = MLSTMChunkwiseFunction.apply(q, k, v, i, torch.nn.functional.logsigmoid(f), C0, n0, m0, 1e-6, 4, 1)
     assert h.requires_grad and C.requires_grad and n.requires_grad and not m.requires_grad
 
 
@@ -223,3 +246,12 @@ def test_normaliser_tie():
     f = torch.tensor([[[1.0, 2.0]]], dtype=F64)
     inputs = [q, k, v, i, f]
     assert_same(run(mlstm_chunkwise_recompute, inputs, 16), run(mlstm_chunkwise, inputs, 16), tol=1e-14)
+
+
+def test_no_double_backward():
+    """The hand-written backward is not differentiable: asking for it is an error, not a wrong gradient."""
+    q, k, v, i, f = (t.requires_grad_() for t in make_inputs(T=9))
+    h, _ = mlstm_chunkwise_recompute(q, k, v, i, f, chunk_size=4)
+    (dq,) = torch.autograd.grad(h.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dq.sum().backward()

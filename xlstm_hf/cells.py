@@ -34,6 +34,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C (B,NH,DK,DV), n (B,NH,DK), m (B,NH)
 SLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # h, c, n, m: each (B,NH,DH)
@@ -152,17 +153,20 @@ def _chunk_end(b, ic, m):
     return torch.exp(log_w - m_new0[..., None]), torch.exp(b[..., -1] + m - m_new0), m_new
 
 
+def _chunk_advance(kc, vc, ic, b, C, n, m):
+    """The state (C, n, m) at the end of the chunk, from the state carried into it."""
+    u, decay, m_new = _chunk_end(b, ic, m)
+    kw = kc * u[..., None]
+    return decay[..., None, None] * C + kw.transpose(-1, -2) @ vc, decay[..., None] * n + kw.sum(-2), m_new
+
+
 def _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal):
     """One chunk: its outputs h (B, NH, L, DV) and the state (C, n, m) at its end."""
     b = log_fc.cumsum(-1)  # (B, NH, L)
     w, carry, stab = _chunk_weights(b, ic, m, above_diagonal)
     scores, _, normaliser = _chunk_scores(qc, kc, n, w, carry, stab, eps)
     h = (scores @ vc + carry[..., None] * (qc @ C)) / normaliser[..., None]
-    u, decay, m_new = _chunk_end(b, ic, m)
-    kw = kc * u[..., None]
-    C = decay[..., None, None] * C + kw.transpose(-1, -2) @ vc
-    n = decay[..., None] * n + kw.sum(-2)
-    return h, (C, n, m_new)
+    return h, _chunk_advance(kc, vc, ic, b, C, n, m)
 
 
 def _above_diagonal(chunk_size, T, device):
@@ -170,13 +174,13 @@ def _above_diagonal(chunk_size, T, device):
     return torch.ones(L_max, L_max, dtype=torch.bool, device=device).triu(1)  # built once, not per chunk
 
 
-def _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states=None):
+def _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states=None, state_every=1):
     """The chunk loop on prepared inputs (`_mlstm_prepare`): (h, final state). `states`, a list, receives
-    the state carried into each chunk."""
+    the state carried into every `state_every`-th chunk (chunks 0, state_every, ...)."""
     above_diagonal = _above_diagonal(chunk_size, q.shape[-2], q.device)
     outputs = []
-    for qc, kc, vc, ic, log_fc in _mlstm_chunks(chunk_size, q, k, v, i, log_f):
-        if states is not None:
+    for c, (qc, kc, vc, ic, log_fc) in enumerate(_mlstm_chunks(chunk_size, q, k, v, i, log_f)):
+        if states is not None and c % state_every == 0:
             states.append((C, n, m))
         h, (C, n, m) = _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal)
         outputs.append(h)
@@ -197,26 +201,72 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
     return h.to(out_dtype), (state if output_final_state else None)
 
 
+def _mlstm_chunk_backward(qc, kc, vc, ic, log_fc, hc, dhc, C, n, m, dC, dn, eps, above_diagonal):
+    """The backward of `_mlstm_chunk` with the stabilisers held constant, recomputing the chunk's weights
+    and scores from the state (C, n, m) carried into it: from dh of its outputs and dC, dn of the state
+    it hands on, the gradients of qc, kc, vc, ic, log_fc and of the state carried in (dC, dn, dm)."""
+    T_ = lambda x: x.transpose(-1, -2)  # noqa: E731
+    b = log_fc.cumsum(-1)
+    w, carry, stab = _chunk_weights(b, ic, m, above_diagonal)
+    scores, den, normaliser = _chunk_scores(qc, kc, n, w, carry, stab, eps)
+    u, decay, _ = _chunk_end(b, ic, m)
+    kw = kc * u[..., None]
+    # h = num / N, N = max(|den|, floor) + eps (torch.maximum splits a tie's gradient in halves)
+    d_num = dhc / normaliser[..., None]
+    floor = torch.exp(-stab)
+    through = torch.where(den.abs() == floor, 0.5, (den.abs() > floor).to(den.dtype))
+    d_den = -(dhc * hc).sum(-1) / normaliser * torch.sign(den) * through
+    # num = S v + carry (q C), den = S 1 + carry (q . n), S = (q k^T) * w
+    d_scores = d_num @ T_(vc) + d_den[..., None]
+    d_qk = d_scores * w
+    g_intra = d_scores * scores  # dL / d log D
+    dq_carry = carry[..., None] * (d_num @ T_(C) + d_den[..., None] * n[..., None, :])
+    # C' = decay C + (u k)^T v, n' = decay n + (u k)^T 1 (dC, dn: the gradients of C', n')
+    d_kw = vc @ T_(dC) + dn[..., None, :]
+    dq = d_qk @ kc + dq_carry
+    dk = T_(d_qk) @ qc + d_kw * u[..., None]
+    dv = T_(scores) @ d_num + kw @ dC
+    # gates, through log D_ts = b_t - b_s + i_s, log carry_t = b_t + m, log u_s = b_L - b_s + i_s and
+    # log decay = b_L + m
+    g_carry = (dq_carry * qc).sum(-1)
+    g_end = (d_kw * kw).sum(-1)
+    dC_dot_C = (dC.flatten(-2)[..., None, :] @ C.flatten(-2)[..., :, None])[..., 0, 0]  # no C-sized temporary
+    g_decay = decay * (dC_dot_C + (dn * n).sum(-1))
+    d_b = g_intra.sum(-1) - g_intra.sum(-2) + g_carry - g_end
+    d_b[..., -1] += g_end.sum(-1) + g_decay
+    di = g_intra.sum(-2) + g_end
+    dlog_f = d_b.flip(-1).cumsum(-1).flip(-1)  # b = cumsum(log f)
+    dm = g_carry.sum(-1) + g_decay
+    # the gradient of the state carried in
+    q_carry = qc * carry[..., None]
+    dC = (T_(q_carry) @ d_num).addcmul_(dC, decay[..., None, None])
+    dn = decay[..., None] * dn + (q_carry * d_den[..., None]).sum(-2)
+    return dq, dk, dv, di, dlog_f, dC, dn, dm
+
+
 class MLSTMChunkwiseFunction(torch.autograd.Function):
     """`_mlstm_chunkwise_loop` with a hand-written backward that keeps memory linear in T: the forward runs
-    without autograd and saves the prepared inputs, h and the state carried into each chunk; the backward
-    walks the chunks in reverse, recomputes each chunk's weights and scores from its state (the helpers
-    above) and carries the state gradients (dC, dn) back across chunks. Stabilisers are constants, as in
-    the reference; the gradient of the initial m is that of the first chunk's carry and decay.
+    without autograd and saves the prepared inputs, h and the state carried into each chunk (or into every
+    `state_every`-th chunk); the backward walks the chunks in reverse, recomputes each chunk's weights and
+    scores from its state (the helpers above; with `state_every` > 1 first the states of a stretch of
+    chunks from the saved one) and carries the state gradients (dC, dn) back across chunks. Stabilisers are
+    constants, as in the reference; the gradient of the initial m is that of the first chunk's carry and decay.
 
-    apply(q, k, v, i, log_f, C, n, m, eps, chunk_size) on prepared inputs -> h, C', n', m' (m' constant).
+    apply(q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every) on prepared inputs -> h, C', n', m'
+    (m' constant).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, i, log_f, C, n, m, eps, chunk_size):
+    def forward(ctx, q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every):
         states = []
-        h, (C, n, m) = _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states)
+        h, (C, n, m) = _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states, state_every)
         ctx.save_for_backward(q, k, v, i, log_f, h, *(s for state in states for s in state))
-        ctx.eps, ctx.chunk_size = eps, chunk_size
+        ctx.eps, ctx.chunk_size, ctx.state_every = eps, chunk_size, state_every
         ctx.mark_non_differentiable(m)
         return h, C, n, m
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiated (no double backward)
     def backward(ctx, dh, dC, dn, _dm):
         # float32 as in the forward: a backward called inside an autocast region would run under it
         device = ctx.saved_tensors[0].device.type
@@ -228,67 +278,46 @@ class MLSTMChunkwiseFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dh, dC, dn):
         q, k, v, i, log_f, h, *flat = ctx.saved_tensors
-        states = [flat[j:j + 3] for j in range(0, len(flat), 3)]
-        T, L = q.shape[-2], ctx.chunk_size
-        C0, n0 = states[0][:2]
+        saved = [flat[j:j + 3] for j in range(0, len(flat), 3)]
+        T, L, every = q.shape[-2], ctx.chunk_size, ctx.state_every
+        chunks = lambda c: slice(c * L, min(T, (c + 1) * L))  # noqa: E731  (the positions of chunk c)
         dh = torch.zeros_like(h) if dh is None else dh
-        dC = torch.zeros_like(C0) if dC is None else dC
-        dn = torch.zeros_like(n0) if dn is None else dn
+        dC = torch.zeros_like(saved[0][0]) if dC is None else dC
+        dn = torch.zeros_like(saved[0][1]) if dn is None else dn
         dq, dk, dv, di, dlog_f = (torch.empty_like(t) for t in (q, k, v, i, log_f))
         above_diagonal = _above_diagonal(L, T, q.device)
-        T_ = lambda x: x.transpose(-1, -2)  # noqa: E731
-        for c in reversed(range(len(states))):
-            C, n, m = states[c]
-            rows = slice(c * L, min(T, (c + 1) * L))
-            qc, kc, vc, hc, dhc = (t[..., rows, :] for t in (q, k, v, h, dh))
-            ic, log_fc = i[..., rows], log_f[..., rows]
-            b = log_fc.cumsum(-1)
-            w, carry, stab = _chunk_weights(b, ic, m, above_diagonal)
-            scores, den, normaliser = _chunk_scores(qc, kc, n, w, carry, stab, eps=ctx.eps)
-            u, decay, _ = _chunk_end(b, ic, m)
-            kw = kc * u[..., None]
-            # h = num / N, N = max(|den|, floor) + eps (torch.maximum splits a tie's gradient in halves)
-            d_num = dhc / normaliser[..., None]
-            floor = torch.exp(-stab)
-            through = torch.where(den.abs() == floor, 0.5, (den.abs() > floor).to(den.dtype))
-            d_den = -(dhc * hc).sum(-1) / normaliser * torch.sign(den) * through
-            # num = S v + carry (q C), den = S 1 + carry (q . n), S = (q k^T) * w
-            d_scores = d_num @ T_(vc) + d_den[..., None]
-            d_qk = d_scores * w
-            g_intra = d_scores * scores  # dL / d log D
-            dq_carry = carry[..., None] * (d_num @ T_(C) + d_den[..., None] * n[..., None, :])
-            # C' = decay C + (u k)^T v, n' = decay n + (u k)^T 1: dC, dn are those of the state handed on
-            d_kw = vc @ T_(dC) + dn[..., None, :]
-            dq[..., rows, :] = d_qk @ kc + dq_carry
-            dk[..., rows, :] = T_(d_qk) @ qc + d_kw * u[..., None]
-            dv[..., rows, :] = T_(scores) @ d_num + kw @ dC
-            # gates, through log D_ts = b_t - b_s + i_s, log carry_t = b_t + m, log u_s = b_L - b_s + i_s and
-            # log decay = b_L + m
-            g_carry = (dq_carry * qc).sum(-1)
-            g_end = (d_kw * kw).sum(-1)
-            g_decay = decay * ((dC * C).sum((-2, -1)) + (dn * n).sum(-1))
-            d_b = g_intra.sum(-1) - g_intra.sum(-2) + g_carry - g_end
-            d_b[..., -1] += g_end.sum(-1) + g_decay
-            di[..., rows] = g_intra.sum(-2) + g_end
-            dlog_f[..., rows] = d_b.flip(-1).cumsum(-1).flip(-1)  # b = cumsum(log f)
-            dm = g_carry.sum(-1) + g_decay
-            # the gradient of the state carried in
-            q_carry = qc * carry[..., None]
-            dC = decay[..., None, None] * dC + T_(q_carry) @ d_num
-            dn = decay[..., None] * dn + (q_carry * d_den[..., None]).sum(-2)
-        return dq, dk, dv, di, dlog_f, dC, dn, dm, None, None
+        n_chunks = -(-T // L)
+        for first in reversed(range(0, n_chunks, every)):
+            # the states carried into chunks first .. last of this stretch, from the saved one
+            states = [saved[first // every]]
+            for c in range(first, min(first + every, n_chunks) - 1):
+                b = log_f[..., chunks(c)].cumsum(-1)
+                kc, vc, ic = k[..., chunks(c), :], v[..., chunks(c), :], i[..., chunks(c)]
+                states.append(_chunk_advance(kc, vc, ic, b, *states[-1]))
+            for c in reversed(range(first, first + len(states))):
+                rows = chunks(c)
+                dq[..., rows, :], dk[..., rows, :], dv[..., rows, :], di[..., rows], dlog_f[..., rows], dC, dn, dm = \
+                    _mlstm_chunk_backward(*(t[..., rows, :] for t in (q, k, v)), i[..., rows], log_f[..., rows],
+                                          h[..., rows, :], dh[..., rows, :], *states.pop(), dC, dn, ctx.eps,
+                                          above_diagonal)
+        return dq, dk, dv, di, dlog_f, dC, dn, dm, None, None, None
 
 
 @float32_compute
 def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6,
-                              chunk_size=64, **_):
+                              chunk_size=64, state_every=1, **_):
     """`mlstm_chunkwise` (same signature, function and gradients) whose backward recomputes each chunk from
     the state carried into it (`MLSTMChunkwiseFunction`), instead of autograd keeping every chunk's
-    intermediates: training memory is the inputs plus one (C, n, m) per chunk."""
+    intermediates: training memory is the inputs plus one (C, n, m) per chunk. With `state_every` = K > 1
+    only every K-th chunk's state is kept and the backward recomputes the others (one state update per
+    chunk more, ~10% of the time): memory NC/K + K states rather than NC; None: K = ceil(sqrt(NC))."""
+    if state_every is not None and (type(state_every) is not int or state_every < 1):
+        raise ValueError(f"state_every must be a positive integer or None, got {state_every!r}")
     out_dtype = v.dtype
     prepared = _mlstm_prepare(q, k, v, i, f, initial_state)
     if torch.is_grad_enabled() and any(t.requires_grad for t in prepared):
-        h, *state = MLSTMChunkwiseFunction.apply(*prepared, eps, chunk_size)
+        every = state_every or math.ceil(math.sqrt(-(-q.shape[-2] // chunk_size)))
+        h, *state = MLSTMChunkwiseFunction.apply(*prepared, eps, chunk_size, every)
     else:  # nothing to differentiate: no states to keep
         h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size)
     return h.to(out_dtype), (tuple(state) if output_final_state else None)
