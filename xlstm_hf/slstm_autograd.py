@@ -1,0 +1,201 @@
+"""The sLSTM recurrence as one `torch.autograd.Function` with its backward over time written out by hand.
+
+`slstm_recurrent_bptt` computes the same function as `cells.slstm_recurrent` (same signature, conventions
+and gradients) and is faster to train on CPU: autograd through the reference records ~15 small operations
+per time step and replays each of them, with its bookkeeping, in the backward pass. Here the forward runs
+without recording (one in-place batched matmul and `cells.slstm_pointwise` per step, the reference's own
+code), and the backward walks back over time with six batched operations per step over (NH, B):
+
+    dh_t            = dout_t + draw_{t+1} R^T (+ dh_{t+1} where step t+1 was padding)     one baddbmm
+    (dc_t, dn_t)   += dh_t (o/n, -o c/n^2)                                                one addcmul
+    draw_t (i,f,z)  = sum over (dc_t, dn_t) of their coefficients                         a product, a sum
+    draw_t (o)      = dh_t c/n o (1 - o)                                                  one product
+    (dc, dn)_{t-1}  = (dc_t, dn_t) f_t                                                    one product
+
+All per-step coefficients (the derivatives of the stabilised exponential gating: i, f, tanh z, sigmoid o
+and c, n of both ends of the step) are computed beforehand, vectorised over a block of time steps. The
+gradients of x and the bias are then the stacked draw_t, and that of R one batched matmul over all steps,
+sum_t h_{t-1}^T draw_t, as in `kernels/slstm.py`'s backward.
+
+What the forward saves (and why): the gate pre-activations of every step, raw_t = x_t + b + h_{t-1} R
+(T, NH, B, 4, DH), and the states h, c, n, m of every step (T+1, NH, B, DH each). The pre-activations cost
+nothing to keep: the forward computes them in place in the buffer that is saved (x + b is laid out
+time-major once, and each step adds h_{t-1} R into its slice). Keeping only the states and recomputing
+the pre-activations would save memory (4 DH instead of 8 DH values per unit and step), but the recompute
+is a matmul as large as the forward's (a third more floating-point work over forward + backward at the
+125M model's DH = 192); on CPU time is the scarce resource, and 8 DH per unit and step is still less than
+autograd keeps for the reference (an input or output for each of its ~15 operations per step). The
+states cannot be recomputed without another loop over time, so they are kept either way.
+
+Stabiliser: as in the reference, m is a constant for autograd, so gradients are those with m held fixed
+(exact for the outputs h); an initial m still gets the reference's gradient, dc_0 c_0 + dn_0 n_0 at the
+first real step (and the final m's gradient where every step of a row is padding, which passes m through).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .cells import float32_compute, slstm_pointwise, slstm_recurrent, slstm_zero_state
+
+#: time steps whose backward coefficients are computed together, just before the steps that use them:
+#: large enough for that vectorised work to be a few large operations, small enough that the coefficients
+#: (9 DH values per unit and step) are still in cache when used (B=8, DH=192, T=512 on CPU: the backward
+#: took ~205 ms with blocks of 8, ~213 with 32, ~260 with 128; B=1: 85, 75, 80 ms)
+COEFFICIENT_BLOCK = 32
+
+
+def _backward_coefficients(raw, cs, ns, ms, keep):
+    """Coefficients of the backward steps for a block of L steps, coefficient-major: (9, NH, L, B, DH).
+
+    raw: (NH, L, B, 4, DH) pre-activations; cs, ns, ms: (NH, L+1, B, DH) the states at both ends of the
+    steps; keep: (1, L, B, 1) bool or None. Along dim 0 of the result:
+    - 0:2 d(c_t, n_t) / d h_t through h_t = o c_t / n_t: (o / n, -o c / n^2);
+    - 2:5 d(i~, f~, z~) / d c_t: (i tanh z, c_{t-1} f sigmoid(-f~), i (1 - tanh^2 z));
+    - 5:7 d(i~, f~) / d n_t: (i, n_{t-1} f sigmoid(-f~));
+    - 7   d o~ / d h_t: c / n o (1 - o);
+    - 8   d(c_{t-1}, n_{t-1}) / d(c_t, n_t): the forget gate f.
+    Coefficient-major so that every operation here runs over contiguous memory (with the gate axis inside,
+    a head dim of 16 would cut each into loops of 16 values). Padded steps get zero coefficients and f = 1
+    (the state passes through), set with masked_fill, not a product with the mask: their values may be
+    inf or nan (e.g. before the first real token)."""
+    NH, L, B, _, DH = raw.shape
+    i_raw, f_raw, z_raw, o_raw = raw.permute(3, 0, 1, 2, 4).contiguous()  # each (NH, L, B, DH)
+    c_prev, c_cur, n_prev, n_cur = cs[:, :-1], cs[:, 1:], ns[:, :-1], ns[:, 1:]
+    m_prev, m_cur = ms[:, :-1], ms[:, 1:]
+    coef = raw.new_empty(9, NH, L, B, DH)
+    # the gates exactly as slstm_pointwise computed them (m_cur is its max(i~, log f + m_{t-1}), detached)
+    i_gate = torch.sub(i_raw, m_cur, out=coef[5]).exp_()
+    f_gate = torch.add(m_prev, F.logsigmoid(f_raw), out=coef[8]).sub_(m_cur).exp_()
+    z = torch.tanh(z_raw)
+    o = torch.sigmoid(o_raw)
+    c_over_n = c_cur / n_cur
+    f_sig = torch.sigmoid(f_raw.neg_()).mul_(f_gate)  # d f / d f~ (d log sigmoid(x) / dx = sigmoid(-x))
+    o_over_n = torch.div(o, n_cur, out=coef[0])
+    torch.mul(o_over_n, c_over_n, out=coef[1]).neg_()
+    torch.mul(z, i_gate, out=coef[2])
+    torch.mul(c_prev, f_sig, out=coef[3])
+    torch.mul(z, z, out=coef[4]).neg_().add_(1.0).mul_(i_gate)
+    torch.mul(n_prev, f_sig, out=coef[6])
+    torch.mul(o, o.neg().add_(1.0), out=coef[7]).mul_(c_over_n)
+    if keep is not None:
+        padded = ~keep  # (1, L, B, 1)
+        coef[:8].masked_fill_(padded, 0.0)
+        coef[8].masked_fill_(padded, 1.0)
+    return coef
+
+
+class SLSTMFunction(torch.autograd.Function):
+    """The sLSTM over a sequence in the compute dtype, head-major.
+
+    forward(x (B, T, NH, 4, DH), R (NH, DH, 4, DH), bias (NH, 4, DH), h0, c0, n0, m0 (NH, B, DH each),
+    keep (1, T, B, 1) bool or None) -> (h (NH, T, B, DH), h_T, c_T, n_T, m_T (NH, B, DH each)).
+    All tensors in one dtype (float32 or float64); `slstm_recurrent_bptt` is the user-facing wrapper.
+    Head-major buffers (NH, T, B, ...): each step is a strided slice, and the gradient of R is one batched
+    matmul over (NH, T*B) without a copy."""
+
+    @staticmethod
+    def forward(ctx, x, recurrent_kernel, bias, h0, c0, n0, m0, keep):
+        B, T, NH, G, DH = x.shape
+        with torch.no_grad():
+            # the saved pre-activations: x + b laid out head-major, each step adds h_{t-1} R in place
+            raw = (x + bias).permute(2, 1, 0, 3, 4).contiguous()  # (NH, T, B, 4, DH)
+            raw_steps, raw_flat = raw.unbind(1), raw.view(NH, T, B, G * DH).unbind(1)
+            r = recurrent_kernel.reshape(NH, DH, G * DH)
+            keeps = [None] * T if keep is None else keep.unbind(1)  # each (1, B, 1)
+            h, c, n, m = h0, c0, n0, m0
+            hs, cs, ns, ms = [h], [c], [n], [m]
+            for raw_t, flat_t, keep_t in zip(raw_steps, raw_flat, keeps):
+                flat_t.baddbmm_(h, r)
+                h_new, c_new, n_new, m_new = slstm_pointwise(raw_t, c, n, m)
+                if keep_t is not None:
+                    h_new, c_new, n_new, m_new = (torch.where(keep_t, a, b) for a, b in
+                                                  ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
+                h, c, n, m = h_new, c_new, n_new, m_new
+                hs.append(h)
+                cs.append(c)
+                ns.append(n)
+                ms.append(m)
+            hs, cs, ns, ms = (torch.stack(s, 1) for s in (hs, cs, ns, ms))  # (NH, T+1, B, DH)
+        ctx.save_for_backward(raw, recurrent_kernel, hs, cs, ns, ms, keep)
+        # copies, not views of the saved states (a caller's in-place change would break the backward)
+        outputs = hs[:, 1:].clone(), h.clone(), c.clone(), n.clone(), m.clone()
+        # the final m depends on the inputs only through a padded row's initial m (as in the reference)
+        if keep is None or not ctx.needs_input_grad[6]:
+            ctx.mark_non_differentiable(outputs[4])
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_hT, d_cT, d_nT, d_mT):
+        raw, recurrent_kernel, hs, cs, ns, ms, keep = ctx.saved_tensors
+        NH, T, B, G, DH = raw.shape
+        zeros = hs.new_zeros(NH, B, DH)
+        d_out = torch.zeros_like(hs[:, 1:]) if d_out is None else d_out
+        d_hT, d_cT, d_nT, d_mT = (zeros if g is None else g for g in (d_hT, d_cT, d_nT, d_mT))
+        r_t = recurrent_kernel.reshape(NH, DH, G * DH).transpose(1, 2).contiguous()  # (NH, 4 DH, DH)
+        pass_h = None if keep is None else (~keep).to(hs.dtype).unbind(1)  # dh_t passes back over padding
+        d_outs = d_out.unbind(1)
+
+        d_raw = torch.empty_like(raw)  # (NH, T, B, 4, DH): the gradients of the pre-activations
+        # per-step views of it: the (i, f, z) and (i, f) parts gate-major (3 or 2, NH, B, DH), o, all four flat
+        d_ifz = d_raw[:, :, :, :3].permute(1, 3, 0, 2, 4).unbind(0)
+        d_if = d_raw[:, :, :, :2].permute(1, 3, 0, 2, 4).unbind(0)
+        d_o = d_raw[:, :, :, 3].unbind(1)
+        d_flat = d_raw.view(NH, T, B, G * DH).unbind(1)
+        dh = d_outs[T - 1] + d_hT
+        dcn = torch.stack((d_cT, d_nT))  # (2, NH, B, DH): the gradients of (c_t, n_t) from later steps
+        for start in reversed(range(0, T, COEFFICIENT_BLOCK)):
+            stop = min(start + COEFFICIENT_BLOCK, T)
+            coef = _backward_coefficients(raw[:, start:stop], cs[:, start:stop + 1], ns[:, start:stop + 1],
+                                          ms[:, start:stop + 1], None if keep is None else keep[:, start:stop])
+            bc, kc, kn = (v.unbind(2) for v in (coef[0:2], coef[2:5], coef[5:7]))  # per step (k, NH, B, DH)
+            a, f = coef[7].unbind(1), coef[8].unbind(1)  # per step (NH, B, DH)
+            for t in reversed(range(start, stop)):
+                j = t - start
+                dcn_t = torch.addcmul(dcn, dh, bc[j])  # total gradients of c_t, n_t
+                dc_t, dn_t = dcn_t.unbind(0)
+                torch.mul(kc[j], dc_t, out=d_ifz[t])
+                d_if[t].addcmul_(kn[j], dn_t)
+                torch.mul(dh, a[j], out=d_o[t])
+                dcn = dcn_t * f[j]
+                dh_prev = d_outs[t - 1] if t > 0 else zeros
+                if pass_h is not None:
+                    dh_prev = torch.addcmul(dh_prev, dh, pass_h[t])
+                dh = torch.baddbmm(dh_prev, d_flat[t], r_t)
+
+        dc0, dn0 = dcn.unbind(0)
+        # m_0 acts through the first real step's forget gate: dc_t c_0 f + dn_t n_0 f, and dcn is now
+        # (dc_t f, dn_t f); a row that is all padding passes the final m's gradient through instead
+        dm0 = dc0 * cs[:, 0] + dn0 * ns[:, 0]
+        if keep is not None:
+            dm0 = torch.where(keep.any(1), dm0, d_mT)
+        dx = d_raw.permute(2, 1, 0, 3, 4)  # (B, T, NH, 4, DH)
+        d_bias = d_raw.sum((1, 2))
+        d_r = None
+        if ctx.needs_input_grad[1]:  # sum_t h_{t-1}^T draw_t: one batched matmul over all steps
+            h_prev = hs[:, :-1].reshape(NH, T * B, DH)
+            d_r = torch.bmm(h_prev.transpose(1, 2), d_raw.view(NH, T * B, G * DH)).view(NH, DH, G, DH)
+        return dx, d_r, d_bias, dh, dc0, dn0, dm0, None
+
+
+@float32_compute
+def slstm_recurrent_bptt(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
+    """`cells.slstm_recurrent` (same signature, outputs and gradients) with a hand-written backward.
+
+    Without gradients to compute (inference, or no input requiring grad) it calls the reference itself,
+    which is the same forward and keeps nothing for a backward pass."""
+    inputs = (x, recurrent_kernel, bias, *(initial_state or ()))
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        return slstm_recurrent(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
+    out_dtype = x.dtype
+    B, T, NH, _, DH = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    # conversions and layout changes outside the Function: autograd takes their gradients back
+    x, recurrent_kernel, bias = (t.to(dtype) for t in (x, recurrent_kernel, bias))
+    state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device, dtype)
+    h0, c0, n0, m0 = (s.to(dtype).transpose(0, 1) for s in state)  # (NH, B, DH)
+    keep = None if mask is None else mask.T[None, :, :, None].contiguous()  # (1, T, B, 1)
+    out, *final = SLSTMFunction.apply(x, recurrent_kernel, bias, h0, c0, n0, m0, keep)
+    out = out.permute(2, 1, 0, 3).to(out_dtype)  # (B, T, NH, DH)
+    return out, (tuple(s.transpose(0, 1) for s in final) if output_final_state else None)
