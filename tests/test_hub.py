@@ -161,7 +161,7 @@ def test_model_code_can_travel():
     assert not remote_code_problems(xLSTMForCausalLM), code_problems_message()
     assert CODE_TRAVELS
     # the model, its config and the modules the model needs; not our Hub tooling (hub.py)
-    assert CODE_FILES == {"configuration_xlstm.py", "modeling_xlstm.py", "cells.py", "backends.py"}
+    assert CODE_FILES == {"configuration_xlstm.py", "modeling_xlstm.py", "cells.py", "backends.py", "slstm_autograd.py"}
 
 
 def test_models_are_tagged_with_add_model_tags(monkeypatch):

@@ -103,7 +103,8 @@ def test_torch_export_traces_the_forward(design):
     mask as an input (another padding gives that padding's eager logits)."""
     model = tiny_model(design=design)
     ids, mask = _ids(), _left_padded_mask()
-    program = torch.export.export(model, (ids,), kwargs={"attention_mask": mask, "use_cache": False})
+    with torch.no_grad():  # an inference program (with grad, the cells' autograd Functions would be traced)
+        program = torch.export.export(model, (ids,), kwargs={"attention_mask": mask, "use_cache": False})
     other_ids, other_mask = _ids(seed=1), _left_padded_mask(pad=6).flip(0)
     with torch.no_grad():
         for i, m in ((ids, mask), (other_ids, other_mask), (other_ids, torch.ones_like(other_mask))):

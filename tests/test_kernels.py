@@ -15,6 +15,7 @@ import torch
 from conftest import randomise_, tiny_config
 
 from xlstm_hf import backends, cells, xLSTMForCausalLM
+from xlstm_hf.slstm_autograd import slstm_recurrent_bptt
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -140,7 +141,7 @@ def test_mlstm_step_kernel_defers_to_reference_under_autograd():
 def test_backend_registry(monkeypatch):
     cpu = torch.device("cpu")
     assert backends.resolve_backend("auto", cpu) == "torch"
-    assert backends.get_ops("torch", cpu)["slstm"] is cells.slstm_recurrent
+    assert backends.get_ops("torch", cpu)["slstm"] is slstm_recurrent_bptt
     with pytest.raises(ValueError, match="kernel_backend must be one of"):
         backends.resolve_backend("cuda-magic", cpu)
     monkeypatch.setattr(backends, "_said", set())

@@ -71,16 +71,18 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def test_training_loss_without_logits(design, monkeypatch):
-    """In training mode with labels, the loss and every parameter's gradient equal those of the unfused path
-    (skip_logits=False), no tensor of B*T*V logits is ever made, and logits come back only for
-    logits_to_keep positions."""
+    """In training mode with labels, the loss and every parameter's gradient of a float64 model equal those of
+    the materialised logits' float64 cross-entropy (transformers' own upcasts to float32 only), no tensor of
+    B*T*V logits is ever made, and logits come back only for logits_to_keep positions."""
     V = 1000  # a vocabulary larger than the tiny model's widths, so that logits are its largest tensor
     monkeypatch.setattr(modeling_xlstm, "LOSS_CHUNK_ELEMENTS", V * 8)  # 8 positions per chunk
-    model = tiny_model(design=design, vocab_size=V).train()
+    model = tiny_model(design=design, vocab_size=V, dtype=torch.float64).train()
     ids = torch.randint(0, V, (4, 24), generator=torch.Generator().manual_seed(1))
     labels = ids.masked_fill(torch.arange(24) < 3, -100)
-    reference = model(ids, labels=labels, skip_logits=False)
-    reference.loss.backward()
+    hidden = model.backbone(ids).last_hidden_state
+    logits = soft_cap(hidden @ model.lm_head.weight.T, model.config.logits_soft_cap)
+    reference = _unfused_loss(logits, labels)
+    reference.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
     with _LargestTensor() as probe:
@@ -88,13 +90,16 @@ def test_training_loss_without_logits(design, monkeypatch):
         out.loss.backward()
     assert out.logits is None
     assert probe.largest <= V * 32  # the (V, H) head and its gradient; never the 4 * 24 * V logits
-    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-12, atol=0)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
     kept = model(ids, labels=labels, logits_to_keep=1)
-    torch.testing.assert_close(kept.logits, reference.logits[:, -1:], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(kept.loss, reference.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(kept.logits, logits[:, -1:].float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kept.loss, reference, rtol=1e-12, atol=0)
     assert model(ids, labels=labels, return_dict=False)[0].dim() == 0  # (loss,) without logits
+    unfused = model(ids, labels=labels, skip_logits=False)  # transformers' loss on float32 logits
+    assert unfused.logits.shape == (4, 24, V)
+    torch.testing.assert_close(unfused.loss.double(), reference, rtol=1e-6, atol=0)
     model.eval()
     assert model(ids, labels=labels).logits.shape == (4, 24, V)  # eval keeps HF's logits
     with pytest.raises(ValueError, match="skip_logits=True needs labels"):

@@ -482,3 +482,30 @@ def test_feedforward_activations_equal_official(name):
     assert name in FFN_ACTIVATIONS
     x = torch.linspace(-4, 4, 101, dtype=torch.float64)
     torch.testing.assert_close(activation(name)(x), get_act_fn(name)(x), rtol=1e-12, atol=1e-12)
+
+
+def test_model_gradients_through_the_recomputing_mlstm_equal_the_reference(design, monkeypatch):
+    """The torch backend's chunkwise mLSTM (backward recomputed from chunk-boundary states) gives a float64
+    model the gradients of autograd through the reference, with left padding, across chunks, continuing
+    from a cache with the returned state in the loss."""
+    from xlstm_hf import backends, cells
+
+    assert backends.TORCH_OPS["mlstm_chunkwise"] is cells.mlstm_chunkwise_recompute
+    model = tiny_model(design=design, dtype=torch.float64).train()
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, :5] = 0
+
+    def grads():
+        model.zero_grad()
+        first = model(ids[:, :9], attention_mask=mask[:, :9], use_cache=True)
+        out = model(ids[:, 9:], attention_mask=mask, cache=first.past_key_values, use_cache=True, labels=ids[:, 9:])
+        C = next(s["C"] for s in out.past_key_values.states if "C" in s)
+        (out.loss + first.logits.square().mean() + C.square().mean()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    fast = grads()
+    monkeypatch.setitem(backends.TORCH_OPS, "mlstm_chunkwise", cells.mlstm_chunkwise)
+    reference = grads()
+    for name, grad in reference.items():
+        torch.testing.assert_close(fast[name], grad, rtol=1e-9, atol=1e-12, msg=name)

@@ -1,7 +1,9 @@
 """Kernel backends: which implementation of each cell the model calls (name -> functions).
 
 `config.kernel_backend`, overridden by the environment variable `XLSTM_KERNEL_BACKEND` (which says so once), is one of
-- "torch": the PyTorch reference in `cells.py`, on any device;
+- "torch": the PyTorch reference in `cells.py`, on any device, with hand-written backwards that compute the
+  reference's gradients with less memory and time (`cells.mlstm_chunkwise_recompute`,
+  `slstm_autograd.slstm_recurrent_bptt`);
 - "triton": the fused kernels in `xlstm_hf.kernels`, for CUDA tensors (or for CPU tensors under Triton's
   interpreter, `TRITON_INTERPRET=1`, which is how they are tested without a GPU);
 - "auto" (default): "triton" for CUDA tensors when Triton is importable (else "torch", with a warning once),
@@ -27,8 +29,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .cells import mlstm_chunkwise, mlstm_parallel, mlstm_step, slstm_recurrent
+from .cells import mlstm_chunkwise_recompute, mlstm_parallel, mlstm_step
 from .configuration_xlstm import KERNEL_BACKENDS
+from .slstm_autograd import slstm_recurrent_bptt
 
 ENV_VAR = "XLSTM_KERNEL_BACKEND"
 COMPILE_ENV_VAR = "XLSTM_COMPILE"
@@ -36,10 +39,14 @@ COMPILE_ENV_VAR = "XLSTM_COMPILE"
 AUTO_COMPILE_MIN_WIDTH = 512
 
 TORCH_OPS = {
-    "mlstm_chunkwise": mlstm_chunkwise,
+    # the reference's function and gradients; its backward recomputes each chunk from the state carried
+    # into it instead of keeping every chunk's intermediates (cells.MLSTMChunkwiseFunction)
+    "mlstm_chunkwise": mlstm_chunkwise_recompute,
     "mlstm_parallel": mlstm_parallel,
     "mlstm_step": mlstm_step,
-    "slstm": slstm_recurrent,
+    # the reference's function and gradients, with the backward over time written out (no autograd replay
+    # of ~15 small operations per step)
+    "slstm": slstm_recurrent_bptt,
 }
 
 

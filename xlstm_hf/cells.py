@@ -269,15 +269,17 @@ class MLSTMChunkwiseFunction(torch.autograd.Function):
     @once_differentiable  # the backward is not itself differentiated (no double backward)
     def backward(ctx, dh, dC, dn, _dm):
         # float32 as in the forward: a backward called inside an autocast region would run under it
-        device = ctx.saved_tensors[0].device.type
+        # (saved_tensors is unpacked once: non-reentrant activation checkpointing allows no second unpack)
+        saved = ctx.saved_tensors
+        device = dh.device.type if dh is not None else saved[0].device.type
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
-                return MLSTMChunkwiseFunction._backward(ctx, dh, dC, dn)
-        return MLSTMChunkwiseFunction._backward(ctx, dh, dC, dn)
+                return MLSTMChunkwiseFunction._backward(ctx, saved, dh, dC, dn)
+        return MLSTMChunkwiseFunction._backward(ctx, saved, dh, dC, dn)
 
     @staticmethod
-    def _backward(ctx, dh, dC, dn):
-        q, k, v, i, log_f, h, *flat = ctx.saved_tensors
+    def _backward(ctx, saved_tensors, dh, dC, dn):
+        q, k, v, i, log_f, h, *flat = saved_tensors
         saved = [flat[j:j + 3] for j in range(0, len(flat), 3)]
         T, L, every = q.shape[-2], ctx.chunk_size, ctx.state_every
         chunks = lambda c: slice(c * L, min(T, (c + 1) * L))  # noqa: E731  (the positions of chunk c)
