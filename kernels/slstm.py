@@ -285,14 +285,15 @@ class _SLSTMFunction(torch.autograd.Function):
 def slstm_recurrent_triton(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
     """`xlstm_hf.cells.slstm_recurrent` as one fused Triton kernel per direction (same signature).
 
-    Head dims up to MAX_HEAD_DIM; larger heads fall back to the reference with a warning."""
+    Head dims up to MAX_HEAD_DIM; larger heads fall back to the torch backend's sLSTM (the reference with
+    its backward over time written out) with a warning."""
     B, T, NH, _, DH = x.shape
-    if DH > MAX_HEAD_DIM:  # R would not fit on chip: the reference does the job
-        from xlstm_hf.cells import slstm_recurrent
+    if DH > MAX_HEAD_DIM:  # R would not fit on chip: the torch backend does the job
+        from xlstm_hf.slstm_autograd import slstm_recurrent_bptt
 
         warnings.warn(f"the Triton sLSTM kernel supports head dims up to {MAX_HEAD_DIM}, got {DH}: "
-                      "using the PyTorch reference", stacklevel=2)
-        return slstm_recurrent(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
+                      "using the PyTorch sLSTM", stacklevel=2)
+        return slstm_recurrent_bptt(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
     if initial_state is None:
         zeros = torch.zeros(B, NH, DH, device=x.device, dtype=torch.float32)
         initial_state = (zeros, zeros, zeros, torch.full_like(zeros, float("-inf")))
