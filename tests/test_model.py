@@ -485,12 +485,11 @@ def test_feedforward_activations_equal_official(name):
 
 
 def test_model_gradients_through_the_recomputing_mlstm_equal_the_reference(design, monkeypatch):
-    """The torch backend's chunkwise mLSTM (backward recomputed from chunk-boundary states) gives a float64
-    model the gradients of autograd through the reference, with left padding, across chunks, continuing
+    """The memory-saving chunkwise mLSTM (backward recomputed from chunk-boundary states), swapped into the
+    torch backend, gives a float64 model the gradients of autograd through the reference, with left padding, across chunks, continuing
     from a cache with the returned state in the loss."""
     from xlstm_hf import backends, cells
 
-    assert backends.TORCH_OPS["mlstm_chunkwise"] is cells.mlstm_chunkwise_recompute
     model = tiny_model(design=design, dtype=torch.float64).train()
     ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(4))
     mask = torch.ones(2, 21, dtype=torch.long)
@@ -504,8 +503,9 @@ def test_model_gradients_through_the_recomputing_mlstm_equal_the_reference(desig
         (out.loss + first.logits.square().mean() + C.square().mean()).backward()
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    fast = grads()
     monkeypatch.setitem(backends.TORCH_OPS, "mlstm_chunkwise", cells.mlstm_chunkwise)
     reference = grads()
+    monkeypatch.setitem(backends.TORCH_OPS, "mlstm_chunkwise", cells.mlstm_chunkwise_recompute)
+    fast = grads()
     for name, grad in reference.items():
         torch.testing.assert_close(fast[name], grad, rtol=1e-9, atol=1e-12, msg=name)
