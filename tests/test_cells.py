@@ -198,3 +198,20 @@ def test_cells_compute_in_float32_under_autocast(T):
         torch.testing.assert_close(cast, plain, rtol=0, atol=0, msg=name)
         for got, want in zip(cast_grads, plain_grads):
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+def test_hand_written_backwards_compute_in_float32_inside_autocast():
+    """The hand-written backwards (sLSTM over time, recomputing chunkwise mLSTM) give the same gradients
+    when backward() is called inside an autocast region as outside it."""
+    from xlstm_hf.cells import mlstm_chunkwise_recompute
+    from xlstm_hf.slstm_autograd import slstm_recurrent_bptt
+
+    q, k, v, i, f = (t.float().requires_grad_() for t in mlstm_inputs(T=40, dtype=torch.float32, gate_scale=1.0))
+    x, R, b = (t.float().requires_grad_() for t in slstm_inputs(T=23, dtype=torch.float32))
+    for call, inputs in ((lambda: mlstm_chunkwise_recompute(q, k, v, i, f, chunk_size=16)[0], (q, k, v, i, f)),
+                         (lambda: slstm_recurrent_bptt(x, R, b)[0], (x, R, b))):
+        plain = torch.autograd.grad(call().square().sum(), inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = torch.autograd.grad(call().square().sum(), inputs)
+        for got, want in zip(cast, plain):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -29,6 +29,7 @@ Conventions shared by all functions:
 Signatures follow one pattern: `(inputs..., initial_state=None, output_final_state=False) -> (out, state)`.
 """
 
+import contextlib
 import functools
 import math
 
@@ -45,15 +46,20 @@ def _up(*tensors: torch.Tensor):
     return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
 
 
+def autocast_off(device_type: str):
+    """A context with autocast turned off on `device_type` where it is on (else a no-op context)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def float32_compute(cell):
     """Run `cell` (whose first argument is a tensor) with autocast off on that tensor's device, so that
-    `_up`'s float32 is what its matmuls compute in. Autocast stays on around the cells (the projections)."""
+    `_up`'s float32 is what its matmuls compute in. Autocast stays on around the cells (the projections).
+    Hand-written backwards use `autocast_off` too: one called inside an autocast region would run under it."""
     @functools.wraps(cell)
     def wrapper(x, *args, **kwargs):
-        device = x.device.type
-        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
-            return cell(x, *args, **kwargs)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return cell(x, *args, **kwargs)
 
     return wrapper
@@ -268,14 +274,10 @@ class MLSTMChunkwiseFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward is not itself differentiated (no double backward)
     def backward(ctx, dh, dC, dn, _dm):
-        # float32 as in the forward: a backward called inside an autocast region would run under it
         # (saved_tensors is unpacked once: non-reentrant activation checkpointing allows no second unpack)
         saved = ctx.saved_tensors
-        device = dh.device.type if dh is not None else saved[0].device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return MLSTMChunkwiseFunction._backward(ctx, saved, dh, dC, dn)
-        return MLSTMChunkwiseFunction._backward(ctx, saved, dh, dC, dn)
+        with autocast_off(saved[0].device.type):
+            return MLSTMChunkwiseFunction._backward(ctx, saved, dh, dC, dn)
 
     @staticmethod
     def _backward(ctx, saved_tensors, dh, dC, dn):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .cells import float32_compute, slstm_pointwise, slstm_recurrent, slstm_zero_state
+from .cells import autocast_off, float32_compute, slstm_pointwise, slstm_recurrent, slstm_zero_state
 
 #: time steps whose backward coefficients are computed together, just before the steps that use them:
 #: large enough for that vectorised work to be a few large operations, small enough that the coefficients
@@ -128,7 +128,13 @@ class SLSTMFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT, d_nT, d_mT):
-        raw, recurrent_kernel, hs, cs, ns, ms, keep = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        with autocast_off(saved[0].device.type):  # float32, as in the forward
+            return SLSTMFunction._backward(ctx, saved, d_out, d_hT, d_cT, d_nT, d_mT)
+
+    @staticmethod
+    def _backward(ctx, saved, d_out, d_hT, d_cT, d_nT, d_mT):
+        raw, recurrent_kernel, hs, cs, ns, ms, keep = saved
         NH, T, B, G, DH = raw.shape
         zeros = hs.new_zeros(NH, B, DH)
         d_out = torch.zeros_like(hs[:, 1:]) if d_out is None else d_out
