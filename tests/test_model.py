@@ -509,3 +509,45 @@ def test_model_gradients_through_the_recomputing_mlstm_equal_the_reference(desig
     fast = grads()
     for name, grad in reference.items():
         torch.testing.assert_close(fast[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("features, blocks", [(1536, 384), (768, 4), (48, 12), (40, 10), (36, 3), (8, 8)])
+def test_headwise_linear_equals_per_block_products(features, blocks):
+    """The grouped block-diagonal matmul of HeadwiseLinear computes each block's own product (float64,
+    values and gradients of input, weight and bias), for blocks narrower and wider than a group and block
+    counts that do not divide evenly into groups."""
+    from xlstm_hf.modeling_xlstm import HeadwiseLinear
+
+    layer = HeadwiseLinear(features, blocks, bias=True, std=0.5).double()
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(2, 7, features, dtype=torch.float64, requires_grad=True)
+    ref = torch.einsum("bthi,hoi->btho", x.unflatten(-1, (blocks, -1)), layer.weight).flatten(-2) + layer.bias
+    out = layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), dy)
+    want = torch.autograd.grad(ref, (x, layer.weight, layer.bias), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("T, with_window", [(9, False), (9, True), (2, True), (1, True)])
+def test_causal_conv_equals_depthwise_conv1d(T, with_window):
+    """CausalConv1d's shifted multiply-adds equal a depthwise F.conv1d over [window, x] (float64, values,
+    carried window and gradients)."""
+    import torch.nn.functional as F
+
+    from xlstm_hf.modeling_xlstm import CausalConv1d
+
+    conv = CausalConv1d(6, 4).double()
+    x = torch.randn(2, T, 6, dtype=torch.float64, requires_grad=True)
+    window = torch.randn(2, 3, 6, dtype=torch.float64) if with_window else None
+    y, new_window = conv(x, window)
+    xw = torch.cat([torch.zeros(2, 3, 6, dtype=torch.float64) if window is None else window, x], 1)
+    ref = F.conv1d(xw.transpose(1, 2), conv.weight, conv.bias, groups=6).transpose(1, 2)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(new_window, xw[:, -3:])
+    dy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, conv.weight, conv.bias), dy),
+                    torch.autograd.grad(ref, (x, conv.weight, conv.bias), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
