@@ -468,6 +468,7 @@ class HfXlstmPeer(Peer):
         # the native kernels need the state in the input dtype (fp32 states with bf16 inputs fail)
         config = xLSTMConfig(**HF_XLSTM_CONFIG, mode="train" if train else "inference", autocast_kernel_dtype=name,
                              inference_state_dtype=name, max_inference_chunksize=max(16384, self.max_len))
+        torch.manual_seed(0)  # the weights xlstm_hf_large converts (same seed, same init)
         return xLSTMForCausalLM(config).to(dtype)
 
     def mixing_flops(self, model, T):
@@ -514,4 +515,40 @@ class HfXlstmPeer(Peer):
         return sum(t.nbytes for tensors in state.rnn_state.values() for t in tensors)
 
 
-PEERS: dict[str, type[Peer]] = {cls.name: cls for cls in (XlstmHfPeer, OfficialPeer, Gpt2Peer, HfXlstmPeer)}
+# --------------------------------------------------------------------------------------------------
+# xlstm_hf's large (xLSTM-7B) design with transformers' xLSTM weights, converted
+# --------------------------------------------------------------------------------------------------
+
+
+class XlstmHfLargePeer(XlstmHfPeer):
+    name = "xlstm_hf_large"
+    title = "xlstm_hf large design = hf_xlstm's weights"
+    notes = ["xlstm_hf_large: hf_xlstm's model (same config, same seed, so the same weights) saved and converted "
+             "with xlstm_hf.conversion.large.convert_checkpoint: the same function and FLOPs as hf_xlstm"]
+    train_bytes_per_token = 2_000_000
+    prefill_bytes_per_token = 90_000
+
+    def build(self, dtype, train=False):
+        import tempfile
+
+        import xlstm_hf
+        from xlstm_hf.conversion.large import convert_checkpoint
+
+        theirs = HfXlstmPeer(self.max_len, self.run_max_len).build(torch.float32, train=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            theirs.save_pretrained(f"{tmp}/theirs")
+            del theirs
+            convert_checkpoint(f"{tmp}/theirs", f"{tmp}/ours", progress_bar=False)
+            model = xlstm_hf.xLSTMForCausalLM.from_pretrained(f"{tmp}/ours")
+        return model.to(dtype)
+
+    def mixing_flops(self, model, T):
+        """Chunkwise mLSTM per head and token: 2 L (DK + DV) + 4 DK DV (as hf_xlstm's)."""
+        c = model.config
+        NH, L = c.mlstm_num_heads, min(c.chunk_size, T)
+        DK, DV = c.mlstm_qk_dim // NH, c.mlstm_v_dim // NH
+        return c.num_blocks * NH * T * (2 * L * (DK + DV) + 4 * DK * DV)
+
+
+PEERS: dict[str, type[Peer]] = {cls.name: cls for cls in (XlstmHfPeer, OfficialPeer, Gpt2Peer, HfXlstmPeer,
+                                                          XlstmHfLargePeer)}
