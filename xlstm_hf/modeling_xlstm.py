@@ -833,15 +833,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1)
             total += ((lse - z.gather(-1, safe_t[:, None])[:, 0]) * valid).sum()
             if needs_hidden or needs_weight:
-                g = torch.softmax(z, dim=-1)  # d loss / d z, then through the cap
+                # d loss / d z = softmax - one-hot, the softmax as exp(z - lse) (written over z when no cap
+                # needs z later); rows of ignored targets are zeroed in the (rows, H) factors, not in g
+                g = torch.sub(z, lse[:, None], out=z if cap is None else None).exp_()
                 g[torch.arange(len(t), device=t.device), safe_t] -= 1
-                g *= valid[:, None]
                 if cap is not None:
                     g *= 1 - (z / cap).square()  # d(cap tanh(raw / cap)) / d raw
+                keep = valid[:, None].to(dtype)
                 if needs_hidden:
-                    grad_hidden[start:start + rows] = g @ weight32
+                    grad_hidden[start:start + rows] = (g @ weight32).mul_(keep)
                 if needs_weight:
-                    grad_weight.addmm_(g.T, h.to(dtype))
+                    grad_weight.addmm_(g.T, h.to(dtype) * keep)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
