@@ -637,3 +637,40 @@ def test_fine_tune_the_demo_model_on_the_bundled_text(tmp_path, capsys):
     assert before_1 > 10.5 and after_1 < 7.5
     assert before_2 == pytest.approx(after_1, abs=0.05)  # same validation split, same model
     assert after_2 < before_2
+
+
+@pytest.mark.slow
+def test_trainer_with_torch_compile_equals_eager(tmp_path):
+    """TrainingArguments(torch_compile=True) trains our model on CPU: the same losses as eager training
+    (float32 rounding of the fused kernels only), and the graphs compiled in the first step serve every
+    later step of the same shape (no recompile per call). The sLSTM's recurrence over time runs eagerly
+    behind a graph break."""
+    import torch._dynamo.utils as dynamo_utils
+
+    ids = torch.randint(0, 97, (8, 16))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    def run(compile_: bool):
+        class Record(TrainerCallback):
+            losses, graphs = [], []
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    self.losses.append(logs["loss"])
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+
+        args = TrainingArguments(tmp_path / str(compile_), per_device_train_batch_size=4, max_steps=6,
+                                 logging_steps=1, learning_rate=1e-3, report_to=[], save_strategy="no",
+                                 use_cpu=True, torch_compile=compile_, dataloader_num_workers=0)
+        dynamo_utils.counters.clear()
+        Trainer(model=tiny_model(), args=args, train_dataset=data, data_collator=default_data_collator,
+                callbacks=[Record]).train()
+        return Record.losses, Record.graphs
+
+    eager, _ = run(False)
+    compiled, graphs = run(True)
+    assert len(compiled) == len(eager) == 6
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 5, graphs
