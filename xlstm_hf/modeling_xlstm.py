@@ -755,7 +755,10 @@ class xLSTMModel(xLSTMPreTrainedModel):
         compiled = T == 1 and cache is not None and mask is None and inference_compiled(self, hidden.device, self.blocks)
         for j, block in enumerate(self.blocks):
             state = cache.states[j] if cache is not None else None
-            hidden, new_state = decode_call(compiled, block, hidden, state, mask, cache is not None)
+            # (blocks are called directly when not compiling our decode step: under a user's torch.compile,
+            # one shared decode_call frame would be re-specialised for every block type and length)
+            args = (hidden, state, mask, cache is not None)
+            hidden, new_state = decode_call(True, block, *args) if compiled else block(*args)
             if cache is not None:
                 cache.states[j] = new_state
             if output_hidden_states:
