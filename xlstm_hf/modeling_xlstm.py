@@ -461,21 +461,11 @@ class sLSTMLayer(nn.Module):
         gates = gates.view(B, T, 4, self.num_heads, self.head_dim).transpose(2, 3)  # (B, T, NH, 4, DH)
         previous = tuple(state[key] for key in "hcnm") if "h" in state else None
         slstm = get_ops(self.config.kernel_backend, x.device)["slstm"]
-        # torch.compile would unroll the recurrence over time (over 10 minutes of compiling the demo model's
-        # training step at T = 256, 65 s with this): a sequence runs eagerly, behind a graph break; single
-        # decode steps stay compiled
-        run = run_eagerly if T > 1 and torch.compiler.is_compiling() else (lambda fn, *args: fn(*args))
-        h, cell_state = run(slstm, gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
+        h, cell_state = slstm(gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
         y = self.group_norm(self.dropout(h))
         if not output_state:
             return y, None
         return y, {"conv": window, **dict(zip("hcnm", cell_state))}
-
-
-@torch.compiler.disable
-def run_eagerly(fn, *args):
-    """fn(*args), never traced by torch.compile (a graph break where it is called)."""
-    return fn(*args)
 
 
 def activation(name: str) -> nn.Module:

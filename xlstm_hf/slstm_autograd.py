@@ -34,7 +34,6 @@ first real step (and the final m's gradient where every step of a row is padding
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .cells import autocast_off, float32_compute, slstm_pointwise, slstm_recurrent, slstm_zero_state
 
@@ -85,60 +84,67 @@ def _backward_coefficients(raw, cs, ns, ms, keep):
     return coef
 
 
-class SLSTMFunction(torch.autograd.Function):
-    """The sLSTM over a sequence in the compute dtype, head-major.
+# The sLSTM over a sequence in the compute dtype, head-major, as two custom operators (`torch.library`):
+# opaque to torch.compile, which would otherwise unroll the loop over time (minutes of compiling, a graph
+# per length), and with the backward registered as the forward's autograd formula.
+#
+#     slstm_forward(x (B, T, NH, 4, DH), R (NH, DH, 4, DH), bias (NH, 4, DH), h0, c0, n0, m0 (NH, B, DH each),
+#                   keep (1, T, B, 1) bool or None)
+#         -> h (NH, T, B, DH), h_T, c_T, n_T, m_T (NH, B, DH each), and what the backward needs: raw, hs, cs, ns, ms
+#
+# All tensors in one dtype (float32 or float64); `slstm_recurrent_bptt` is the user-facing wrapper.
+# Head-major buffers (NH, T, B, ...): each step is a strided slice, and the gradient of R is one batched
+# matmul over (NH, T*B) without a copy.
 
-    forward(x (B, T, NH, 4, DH), R (NH, DH, 4, DH), bias (NH, 4, DH), h0, c0, n0, m0 (NH, B, DH each),
-    keep (1, T, B, 1) bool or None) -> (h (NH, T, B, DH), h_T, c_T, n_T, m_T (NH, B, DH each)).
-    All tensors in one dtype (float32 or float64); `slstm_recurrent_bptt` is the user-facing wrapper.
-    Head-major buffers (NH, T, B, ...): each step is a strided slice, and the gradient of R is one batched
-    matmul over (NH, T*B) without a copy."""
 
-    @staticmethod
-    def forward(ctx, x, recurrent_kernel, bias, h0, c0, n0, m0, keep):
-        B, T, NH, G, DH = x.shape
-        with torch.no_grad():
-            # the saved pre-activations: x + b laid out head-major, each step adds h_{t-1} R in place
-            raw = (x + bias).permute(2, 1, 0, 3, 4).contiguous()  # (NH, T, B, 4, DH)
-            raw_steps, raw_flat = raw.unbind(1), raw.view(NH, T, B, G * DH).unbind(1)
-            r = recurrent_kernel.reshape(NH, DH, G * DH)
-            keeps = [None] * T if keep is None else keep.unbind(1)  # each (1, B, 1)
-            h, c, n, m = h0, c0, n0, m0
-            hs, cs, ns, ms = [h], [c], [n], [m]
-            for raw_t, flat_t, keep_t in zip(raw_steps, raw_flat, keeps):
-                flat_t.baddbmm_(h, r)
-                h_new, c_new, n_new, m_new = slstm_pointwise(raw_t, c, n, m)
-                if keep_t is not None:
-                    h_new, c_new, n_new, m_new = (torch.where(keep_t, a, b) for a, b in
-                                                  ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
-                h, c, n, m = h_new, c_new, n_new, m_new
-                hs.append(h)
-                cs.append(c)
-                ns.append(n)
-                ms.append(m)
-            hs, cs, ns, ms = (torch.stack(s, 1) for s in (hs, cs, ns, ms))  # (NH, T+1, B, DH)
-        ctx.save_for_backward(raw, recurrent_kernel, hs, cs, ns, ms, keep)
-        # copies, not views of the saved states (a caller's in-place change would break the backward)
-        outputs = hs[:, 1:].clone(), h.clone(), c.clone(), n.clone(), m.clone()
-        # the final m depends on the inputs only through a padded row's initial m (as in the reference)
-        if keep is None or not ctx.needs_input_grad[6]:
-            ctx.mark_non_differentiable(outputs[4])
-        return outputs
+@torch.library.custom_op("xlstm_hf::slstm_forward", mutates_args=())
+def slstm_forward(x: torch.Tensor, recurrent_kernel: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor,
+                  c0: torch.Tensor, n0: torch.Tensor, m0: torch.Tensor, keep: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, NH, G, DH = x.shape
+    with torch.no_grad():
+        # the saved pre-activations: x + b laid out head-major, each step adds h_{t-1} R in place
+        raw = (x + bias).permute(2, 1, 0, 3, 4).contiguous()  # (NH, T, B, 4, DH)
+        raw_steps, raw_flat = raw.unbind(1), raw.view(NH, T, B, G * DH).unbind(1)
+        r = recurrent_kernel.reshape(NH, DH, G * DH)
+        keeps = [None] * T if keep is None else keep.unbind(1)  # each (1, B, 1)
+        h, c, n, m = h0, c0, n0, m0
+        hs, cs, ns, ms = [h], [c], [n], [m]
+        for raw_t, flat_t, keep_t in zip(raw_steps, raw_flat, keeps):
+            flat_t.baddbmm_(h, r)
+            h_new, c_new, n_new, m_new = slstm_pointwise(raw_t, c, n, m)
+            if keep_t is not None:
+                h_new, c_new, n_new, m_new = (torch.where(keep_t, a, b) for a, b in
+                                              ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
+            h, c, n, m = h_new, c_new, n_new, m_new
+            hs.append(h)
+            cs.append(c)
+            ns.append(n)
+            ms.append(m)
+        hs, cs, ns, ms = (torch.stack(s, 1) for s in (hs, cs, ns, ms))  # (NH, T+1, B, DH)
+    # copies, not views of the saved states (a caller's in-place change would break the backward)
+    return hs[:, 1:].clone(), h.clone(), c.clone(), n.clone(), m.clone(), raw, hs, cs, ns, ms
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_hT, d_cT, d_nT, d_mT):
-        saved = ctx.saved_tensors
-        with autocast_off(saved[0].device.type):  # float32, as in the forward
-            return SLSTMFunction._backward(ctx, saved, d_out, d_hT, d_cT, d_nT, d_mT)
 
-    @staticmethod
-    def _backward(ctx, saved, d_out, d_hT, d_cT, d_nT, d_mT):
-        raw, recurrent_kernel, hs, cs, ns, ms, keep = saved
+@slstm_forward.register_fake
+def _(x, recurrent_kernel, bias, h0, c0, n0, m0, keep):
+    B, T, NH, G, DH = x.shape
+    states = [x.new_empty(NH, T + 1, B, DH) for _ in range(4)]
+    return (x.new_empty(NH, T, B, DH), *(x.new_empty(NH, B, DH) for _ in range(4)), x.new_empty(NH, T, B, G, DH),
+            *states)
+
+
+@torch.library.custom_op("xlstm_hf::slstm_backward", mutates_args=())
+def slstm_backward(raw: torch.Tensor, recurrent_kernel: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor,
+                   ns: torch.Tensor, ms: torch.Tensor, keep: torch.Tensor | None, d_out: torch.Tensor,
+                   d_hT: torch.Tensor, d_cT: torch.Tensor, d_nT: torch.Tensor, d_mT: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor]:
+    """The gradients (dx, dR, dbias, dh0, dc0, dn0, dm0) from those of the outputs (see the module docstring)."""
+    with autocast_off(raw.device.type):  # float32, as in the forward
         NH, T, B, G, DH = raw.shape
         zeros = hs.new_zeros(NH, B, DH)
-        d_out = torch.zeros_like(hs[:, 1:]) if d_out is None else d_out
-        d_hT, d_cT, d_nT, d_mT = (zeros if g is None else g for g in (d_hT, d_cT, d_nT, d_mT))
         r_t = recurrent_kernel.reshape(NH, DH, G * DH).transpose(1, 2).contiguous()  # (NH, 4 DH, DH)
         pass_h = None if keep is None else (~keep).to(hs.dtype).unbind(1)  # dh_t passes back over padding
         d_outs = d_out.unbind(1)
@@ -170,7 +176,7 @@ class SLSTMFunction(torch.autograd.Function):
                     dh_prev = torch.addcmul(dh_prev, dh, pass_h[t])
                 dh = torch.baddbmm(dh_prev, d_flat[t], r_t)
 
-        dc0, dn0 = dcn.unbind(0)
+        dc0, dn0 = dcn[0].clone(), dcn[1].clone()  # (an operator's outputs may not share memory)
         # m_0 acts through the first real step's forget gate: dc_t c_0 f + dn_t n_0 f, and dcn is now
         # (dc_t f, dn_t f); a row that is all padding passes the final m's gradient through instead
         dm0 = dc0 * cs[:, 0] + dn0 * ns[:, 0]
@@ -178,11 +184,39 @@ class SLSTMFunction(torch.autograd.Function):
             dm0 = torch.where(keep.any(1), dm0, d_mT)
         dx = d_raw.permute(2, 1, 0, 3, 4)  # (B, T, NH, 4, DH)
         d_bias = d_raw.sum((1, 2))
-        d_r = None
-        if ctx.needs_input_grad[1]:  # sum_t h_{t-1}^T draw_t: one batched matmul over all steps
-            h_prev = hs[:, :-1].reshape(NH, T * B, DH)
-            d_r = torch.bmm(h_prev.transpose(1, 2), d_raw.view(NH, T * B, G * DH)).view(NH, DH, G, DH)
-        return dx, d_r, d_bias, dh, dc0, dn0, dm0, None
+        # sum_t h_{t-1}^T draw_t: one batched matmul over all steps
+        h_prev = hs[:, :-1].reshape(NH, T * B, DH)
+        d_r = torch.bmm(h_prev.transpose(1, 2), d_raw.view(NH, T * B, G * DH)).view(NH, DH, G, DH)
+        return dx.contiguous(), d_r, d_bias, dh, dc0, dn0, dm0
+
+
+@slstm_backward.register_fake
+def _(raw, recurrent_kernel, hs, cs, ns, ms, keep, d_out, d_hT, d_cT, d_nT, d_mT):
+    NH, T, B, G, DH = raw.shape
+    return (raw.new_empty(B, T, NH, G, DH), torch.empty_like(recurrent_kernel), raw.new_empty(NH, G, DH),
+            *(raw.new_empty(NH, B, DH) for _ in range(4)))
+
+
+def _setup_context(ctx, inputs, output):
+    keep = inputs[7]
+    ctx.save_for_backward(inputs[1], *output[5:], keep)
+    # the saved buffers and the final m are not differentiable outputs (the final m depends on the inputs
+    # only through a padded row's initial m, as in the reference)
+    ctx.mark_non_differentiable(*output[5:], *(() if keep is not None else output[4:5]))
+
+
+def _backward(ctx, d_out, d_hT, d_cT, d_nT, d_mT, *_buffers):
+    recurrent_kernel, raw, hs, cs, ns, ms, keep = ctx.saved_tensors
+    NH, T, B, _, DH = raw.shape
+    zeros = lambda: hs.new_zeros(NH, B, DH)  # noqa: E731
+    d_out = torch.zeros_like(hs[:, 1:]) if d_out is None else d_out
+    d_hT, d_cT, d_nT, d_mT = (zeros() if g is None else g for g in (d_hT, d_cT, d_nT, d_mT))
+    grads = torch.ops.xlstm_hf.slstm_backward(raw, recurrent_kernel, hs, cs, ns, ms, keep, d_out, d_hT, d_cT, d_nT,
+                                              d_mT)
+    return (*grads, None)
+
+
+slstm_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 @float32_compute
@@ -190,9 +224,12 @@ def slstm_recurrent_bptt(x, recurrent_kernel, bias, initial_state=None, output_f
     """`cells.slstm_recurrent` (same signature, outputs and gradients) with a hand-written backward.
 
     Without gradients to compute (inference, or no input requiring grad) it calls the reference itself,
-    which is the same forward and keeps nothing for a backward pass."""
+    which is the same forward and keeps nothing for a backward pass (except under torch.compile)."""
     inputs = (x, recurrent_kernel, bias, *(initial_state or ()))
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    # under torch.compile the operator serves inference too, where the reference's loop over time would be
+    # unrolled; a single step (decoding) stays the reference, which the compiler fuses
+    if not needs_grad and not (torch.compiler.is_compiling() and x.shape[1] > 1):
         return slstm_recurrent(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
     out_dtype = x.dtype
     B, T, NH, _, DH = x.shape
@@ -202,6 +239,6 @@ def slstm_recurrent_bptt(x, recurrent_kernel, bias, initial_state=None, output_f
     state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device, dtype)
     h0, c0, n0, m0 = (s.to(dtype).transpose(0, 1) for s in state)  # (NH, B, DH)
     keep = None if mask is None else mask.T[None, :, :, None].contiguous()  # (1, T, B, 1)
-    out, *final = SLSTMFunction.apply(x, recurrent_kernel, bias, h0, c0, n0, m0, keep)
+    out, *final = torch.ops.xlstm_hf.slstm_forward(x, recurrent_kernel, bias, h0, c0, n0, m0, keep)[:5]
     out = out.permute(2, 1, 0, 3).to(out_dtype)  # (B, T, NH, DH)
     return out, (tuple(s.transpose(0, 1) for s in final) if output_final_state else None)
