@@ -923,7 +923,7 @@ class Report:
                           f"({r['value'] / r['eager_tok_s']:.2f}x), compiling took {r['compile_seconds']:.0f} s; "
                           f"graphs compiled: {r['graphs'][0]} over {r['steps']} steps at T={r['size']}, "
                           f"{r['graphs'][1]} after T+8 (the recompile to dynamic shapes), {r['graphs'][2]} after "
-                          f"T+16; graph breaks: {r['graph_breaks']} (the sLSTM recurrence runs eagerly).", ""]
+                          f"T+16; graph breaks: {r['graph_breaks']}.", ""]
             else:
                 lines += [r["reason"], ""]
         return lines

@@ -643,8 +643,8 @@ def test_fine_tune_the_demo_model_on_the_bundled_text(tmp_path, capsys):
 def test_trainer_with_torch_compile_equals_eager(tmp_path):
     """TrainingArguments(torch_compile=True) trains our model on CPU: the same losses as eager training
     (float32 rounding of the fused kernels only), and the graphs compiled in the first step serve every
-    later step of the same shape (no recompile per call). The sLSTM's recurrence over time runs eagerly
-    behind a graph break."""
+    later step of the same shape (no recompile per call). The sLSTM's recurrence is a custom operator,
+    opaque to the compiler."""
     import torch._dynamo.utils as dynamo_utils
 
     ids = torch.randint(0, 97, (8, 16))

@@ -1,4 +1,4 @@
-"""The sLSTM recurrence as one `torch.autograd.Function` with its backward over time written out by hand.
+"""The sLSTM recurrence as a custom operator with its backward over time written out by hand.
 
 `slstm_recurrent_bptt` computes the same function as `cells.slstm_recurrent` (same signature, conventions
 and gradients) and is faster to train on CPU: autograd through the reference records ~15 small operations
