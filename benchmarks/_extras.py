@@ -109,16 +109,11 @@ def measure_small(peer: str, reps: int = 5, budget_s: float = 20.0) -> list[dict
     return out
 
 
-def peak_rss_now() -> int | None:
-    from cpu_suite import peak_rss_bytes
-
-    return peak_rss_bytes()
-
-
-def measure_lossmem() -> list[dict]:
+def measure_lossmem(peak_rss) -> list[dict]:
     """Peak RSS of the process after one no-grad forward with `labels` and `skip_logits=True` over
     LOSSMEM_TOKENS tokens of the demo model (evaluating a long document's loss; training with labels takes
-    the same fused path), and what the (T, V) fp32 logits alone would take."""
+    the same fused path), and what the (T, V) fp32 logits alone would take. `peak_rss()`: the process's peak
+    RSS in bytes or None (cpu_suite.peak_rss_bytes)."""
     import torch
 
     from xlstm_hf import xLSTMForCausalLM
@@ -131,7 +126,7 @@ def measure_lossmem() -> list[dict]:
     with torch.no_grad():
         model(input_ids=ids, labels=ids, use_cache=False, skip_logits=True)
     seconds = time.perf_counter() - start
-    peak = peak_rss_now()
+    peak = peak_rss()
     return [{"what": "lossmem", "batch": 1, "size": LOSSMEM_TOKENS, "status": "ok" if peak else "skip",
              "reason": None if peak else "n/a: no peak-RSS source", "value": (peak or 0) / 2**30, "unit": "GiB",
              "seconds": seconds, "full_logits_gib": LOSSMEM_TOKENS * model.config.vocab_size * 4 / 2**30}]

@@ -424,8 +424,8 @@ class Worker:
     def extras(self, what: str):
         import _extras
 
-        fn = {"small": lambda: _extras.measure_small(self.args.worker), "lossmem": _extras.measure_lossmem,
-              "compile": _extras.measure_compile}[what]
+        fn = {"small": lambda: _extras.measure_small(self.args.worker),
+              "lossmem": lambda: _extras.measure_lossmem(peak_rss_bytes), "compile": _extras.measure_compile}[what]
         for rec in fn():
             emit({"kind": "result", "peer": self.args.worker, "dtype": self.args.dtype, **rec})
 

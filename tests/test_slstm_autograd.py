@@ -250,3 +250,17 @@ def test_compiled_training_step_equals_eager():
     got = torch.autograd.grad(compiled(x, r, bias), (x, r, bias))
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_recurrent_kernel():
+    """With R frozen (LoRA fine-tuning) the backward skips dR's matmul; the other gradients stay the
+    reference's (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    r = 0.3 * torch.randn(2, 3, 4, 3, dtype=torch.float64)
+    bias = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = slstm_recurrent_bptt(x, r, bias)
+    ref, _ = slstm_recurrent(x, r, bias)
+    dy = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, bias), dy), torch.autograd.grad(ref, (x, bias), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

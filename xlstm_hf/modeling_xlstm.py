@@ -164,7 +164,13 @@ class HeadwiseLinear(nn.Module):
         eye = torch.eye(per, dtype=w.dtype, device=w.device)
         return torch.einsum("gjoi,jk->gjiko", w, eye).flatten(3).flatten(1, 2)  # [g, (j, i), (k, o)]
 
+    #: inputs with fewer rows (decoding) use the per-block product: no grouped weight to build per token
+    group_min_rows = 64
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < self.group_min_rows * x.shape[-1]:
+            y = torch.einsum("...hi,hoi->...ho", x.unflatten(-1, (self.num_blocks, -1)), self.weight).flatten(-2)
+            return y + self.bias if self.bias is not None else y
         # Narrow blocks (the mLSTM's q, k, v: 4 features each) make a per-block product a batch of tiny
         # matmuls, several times slower than the memory it reads. Grouping blocks into ~32-wide block-diagonal
         # matrices multiplies some zeros (G / block times the FLOPs, still few) in one efficient batched matmul.

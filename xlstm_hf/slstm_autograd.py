@@ -138,10 +138,11 @@ def _(x, recurrent_kernel, bias, h0, c0, n0, m0, keep):
 @torch.library.custom_op("xlstm_hf::slstm_backward", mutates_args=())
 def slstm_backward(raw: torch.Tensor, recurrent_kernel: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor,
                    ns: torch.Tensor, ms: torch.Tensor, keep: torch.Tensor | None, d_out: torch.Tensor,
-                   d_hT: torch.Tensor, d_cT: torch.Tensor, d_nT: torch.Tensor, d_mT: torch.Tensor
+                   d_hT: torch.Tensor, d_cT: torch.Tensor, d_nT: torch.Tensor, d_mT: torch.Tensor, need_dr: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor]:
-    """The gradients (dx, dR, dbias, dh0, dc0, dn0, dm0) from those of the outputs (see the module docstring)."""
+    """The gradients (dx, dR, dbias, dh0, dc0, dn0, dm0) from those of the outputs (see the module docstring);
+    dR is zeros without `need_dr` (a frozen R, as under LoRA: its matmul over all steps is skipped)."""
     with autocast_off(raw.device.type):  # float32, as in the forward
         NH, T, B, G, DH = raw.shape
         zeros = hs.new_zeros(NH, B, DH)
@@ -184,14 +185,15 @@ def slstm_backward(raw: torch.Tensor, recurrent_kernel: torch.Tensor, hs: torch.
             dm0 = torch.where(keep.any(1), dm0, d_mT)
         dx = d_raw.permute(2, 1, 0, 3, 4)  # (B, T, NH, 4, DH)
         d_bias = d_raw.sum((1, 2))
-        # sum_t h_{t-1}^T draw_t: one batched matmul over all steps
-        h_prev = hs[:, :-1].reshape(NH, T * B, DH)
-        d_r = torch.bmm(h_prev.transpose(1, 2), d_raw.view(NH, T * B, G * DH)).view(NH, DH, G, DH)
+        d_r = torch.zeros_like(recurrent_kernel)
+        if need_dr:  # sum_t h_{t-1}^T draw_t: one batched matmul over all steps
+            h_prev = hs[:, :-1].reshape(NH, T * B, DH)
+            d_r = torch.bmm(h_prev.transpose(1, 2), d_raw.view(NH, T * B, G * DH)).view(NH, DH, G, DH)
         return dx.contiguous(), d_r, d_bias, dh, dc0, dn0, dm0
 
 
 @slstm_backward.register_fake
-def _(raw, recurrent_kernel, hs, cs, ns, ms, keep, d_out, d_hT, d_cT, d_nT, d_mT):
+def _(raw, recurrent_kernel, hs, cs, ns, ms, keep, d_out, d_hT, d_cT, d_nT, d_mT, need_dr):
     NH, T, B, G, DH = raw.shape
     return (raw.new_empty(B, T, NH, G, DH), torch.empty_like(recurrent_kernel), raw.new_empty(NH, G, DH),
             *(raw.new_empty(NH, B, DH) for _ in range(4)))
@@ -211,9 +213,9 @@ def _backward(ctx, d_out, d_hT, d_cT, d_nT, d_mT, *_buffers):
     zeros = lambda: hs.new_zeros(NH, B, DH)  # noqa: E731
     d_out = torch.zeros_like(hs[:, 1:]) if d_out is None else d_out
     d_hT, d_cT, d_nT, d_mT = (zeros() if g is None else g for g in (d_hT, d_cT, d_nT, d_mT))
-    grads = torch.ops.xlstm_hf.slstm_backward(raw, recurrent_kernel, hs, cs, ns, ms, keep, d_out, d_hT, d_cT, d_nT,
-                                              d_mT)
-    return (*grads, None)
+    dx, d_r, *grads = torch.ops.xlstm_hf.slstm_backward(raw, recurrent_kernel, hs, cs, ns, ms, keep, d_out, d_hT,
+                                                        d_cT, d_nT, d_mT, bool(ctx.needs_input_grad[1]))
+    return (dx, d_r if ctx.needs_input_grad[1] else None, *grads, None)
 
 
 slstm_forward.register_autograd(_backward, setup_context=_setup_context)
