@@ -1,5 +1,6 @@
-"""`slstm_recurrent_bptt` (the sLSTM as an autograd.Function with a hand-written backward over time)
-against autograd through the reference `cells.slstm_recurrent`.
+"""`slstm_recurrent_bptt` (the sLSTM as custom operators with a hand-written backward over time) against
+autograd through the reference `cells.slstm_recurrent`. Every test runs twice: with the fused CPU step
+kernels (`kernels/slstm_cpu.c`) and with the PyTorch steps that are their fallback.
 
 Tolerances: in float64 the two differ only by rounding in a different order (relative 1e-10, measured
 per tensor against its largest entry, is ample). In float32 the Function must be as accurate as the
@@ -13,6 +14,19 @@ import torch
 from xlstm_hf.cells import slstm_recurrent
 from xlstm_hf import slstm_autograd
 from xlstm_hf.slstm_autograd import slstm_recurrent_bptt
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def steps(request, monkeypatch):
+    """The per-step implementation under test: the C kernels (which must build here: CI has a compiler),
+    or the PyTorch steps (kernels off, as on a machine without a compiler or on other devices)."""
+    from xlstm_hf.kernels import cpu
+
+    if request.param == "fused":
+        assert cpu.library() is not None, "the fused CPU sLSTM kernels failed to build"
+    else:
+        monkeypatch.setattr(slstm_autograd, "_fused_kernels", lambda t: None)
+    return request.param
 
 
 def rel_err(a, b):
@@ -161,11 +175,24 @@ def test_gradcheck_tiny_full_jacobian():
     gradcheck_case(fast_mode=False)  # every column of the Jacobian (~700 evaluations)
 
 
-def test_inference_uses_reference_and_no_grad_inputs():
-    x, R, b, _ = make_inputs(2, 5, 2, 4)
-    out, fin = slstm_recurrent_bptt(x, R, b, output_final_state=True)
-    ref, ref_fin = slstm_recurrent(x, R, b, output_final_state=True)
-    assert torch.equal(out, ref) and all(torch.equal(a, c) for a, c in zip(fin, ref_fin))
+@pytest.mark.parametrize("padded", [False, True])
+def test_inference(steps, padded):
+    """Without gradients nothing is kept for a backward pass: the fused forward (within float64 rounding)
+    or the reference itself (bitwise); also with an initial state and padding, in float32."""
+    x, R, b, state = make_inputs(3, 9, 2, 5, with_state=True)
+    mask = None
+    if padded:
+        mask = torch.ones(3, 9, dtype=torch.bool)
+        mask[0, :4] = False
+        mask[1, 2::3] = False
+    for dtype in (torch.float64, torch.float32):
+        args = [t.to(dtype) for t in (x, R, b)], tuple(t.to(dtype) for t in state)
+        out, fin = slstm_recurrent_bptt(*args[0], args[1], True, mask)
+        ref, ref_fin = slstm_recurrent(*args[0], args[1], True, mask)
+        tol = 0 if steps == "torch" else (1e-12 if dtype == torch.float64 else 1e-5)
+        for got, want in zip((out, *fin), (ref, *ref_fin)):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert rel_err(got, want) <= tol
 
 
 def test_final_m_is_constant_without_mask():

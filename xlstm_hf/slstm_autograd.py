@@ -97,13 +97,41 @@ def _backward_coefficients(raw, cs, ns, ms, keep):
 # matmul over (NH, T*B) without a copy.
 
 
+def _fused_kernels(t: torch.Tensor):
+    """xlstm_hf's fused CPU step kernels (`kernels/cpu.py`) if they can take `t`, else None. Absent where only
+    a checkpoint's copied model code runs (without the xlstm_hf package), or where they cannot be built."""
+    try:  # (a try block: transformers' import check for copied code skips it; the kernels are optional)
+        from xlstm_hf.kernels import cpu
+    except ImportError:
+        return None
+    return cpu if cpu.available(t) else None
+
+
+def _cpu_forward(kernels, x, recurrent_kernel, bias, h0, c0, n0, m0, keep, every_state):
+    """The forward with the fused CPU steps: raw (NH, T, B, 4, DH) and the state buffers (NH, S, B, DH) of
+    h (S = T+1) and of c, n, m (S = T+1 with `every_state`, else two alternating slots)."""
+    B, T, NH, G, DH = x.shape
+    raw = (x + bias).permute(2, 1, 0, 3, 4).contiguous()  # (NH, T, B, 4, DH)
+    slots = T + 1 if every_state else 2
+    hs = x.new_empty(NH, T + 1, B, DH)
+    cs, ns, ms = (x.new_empty(NH, slots, B, DH) for _ in range(3))
+    for buffer, first in ((hs, h0), (cs, c0), (ns, n0), (ms, m0)):
+        buffer[:, 0] = first
+    kernels.slstm_forward_loop(raw, recurrent_kernel, hs, cs, ns, ms, None if keep is None else keep.view(T, B))
+    return raw, hs, cs, ns, ms
+
+
 @torch.library.custom_op("xlstm_hf::slstm_forward", mutates_args=())
 def slstm_forward(x: torch.Tensor, recurrent_kernel: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor,
                   c0: torch.Tensor, n0: torch.Tensor, m0: torch.Tensor, keep: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, NH, G, DH = x.shape
+    kernels = _fused_kernels(x)
     with torch.no_grad():
+        if kernels is not None:
+            raw, hs, cs, ns, ms = _cpu_forward(kernels, x, recurrent_kernel, bias, h0, c0, n0, m0, keep, True)
+            return hs[:, 1:].clone(), *(s[:, -1].clone() for s in (hs, cs, ns, ms)), raw, hs, cs, ns, ms
         # the saved pre-activations: x + b laid out head-major, each step adds h_{t-1} R in place
         raw = (x + bias).permute(2, 1, 0, 3, 4).contiguous()  # (NH, T, B, 4, DH)
         raw_steps, raw_flat = raw.unbind(1), raw.view(NH, T, B, G * DH).unbind(1)
@@ -158,6 +186,11 @@ def slstm_backward(raw: torch.Tensor, recurrent_kernel: torch.Tensor, hs: torch.
         d_flat = d_raw.view(NH, T, B, G * DH).unbind(1)
         dh = d_outs[T - 1] + d_hT
         dcn = torch.stack((d_cT, d_nT))  # (2, NH, B, DH): the gradients of (c_t, n_t) from later steps
+        kernels = _fused_kernels(raw)
+        if kernels is not None:  # contiguous operands for the fused step
+            dh, d_out = dh.contiguous(), d_out.contiguous()
+            dh_prev = torch.empty_like(dh, memory_format=torch.contiguous_format)
+            keep_steps = None if keep is None else keep.reshape(T, B)
         for start in reversed(range(0, T, COEFFICIENT_BLOCK)):
             stop = min(start + COEFFICIENT_BLOCK, T)
             coef = _backward_coefficients(raw[:, start:stop], cs[:, start:stop + 1], ns[:, start:stop + 1],
@@ -166,6 +199,10 @@ def slstm_backward(raw: torch.Tensor, recurrent_kernel: torch.Tensor, hs: torch.
             a, f = coef[7].unbind(1), coef[8].unbind(1)  # per step (NH, B, DH)
             for t in reversed(range(start, stop)):
                 j = t - start
+                if kernels is not None:  # the same step fused (kernels/slstm_cpu.c); dh is overwritten in place
+                    kernels.slstm_backward_step(coef, j, dh, dcn, d_raw, t, d_out, dh_prev, keep_steps)
+                    torch.baddbmm(dh_prev, d_flat[t], r_t, out=dh)
+                    continue
                 dcn_t = torch.addcmul(dcn, dh, bc[j])  # total gradients of c_t, n_t
                 dc_t, dn_t = dcn_t.unbind(0)
                 torch.mul(kc[j], dc_t, out=d_ifz[t])
@@ -223,19 +260,33 @@ slstm_forward.register_autograd(_backward, setup_context=_setup_context)
 
 @float32_compute
 def slstm_recurrent_bptt(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
-    """`cells.slstm_recurrent` (same signature, outputs and gradients) with a hand-written backward.
+    """`cells.slstm_recurrent` (same signature, outputs and gradients) with a hand-written backward, and
+    on CPU the fused step kernels of `kernels/cpu.py` (forward and backward).
 
-    Without gradients to compute (inference, or no input requiring grad) it calls the reference itself,
-    which is the same forward and keeps nothing for a backward pass (except under torch.compile)."""
+    Without gradients to compute (inference, or no input requiring grad) it runs the forward alone and
+    keeps nothing for a backward pass (except under torch.compile): the fused kernels or the reference."""
     inputs = (x, recurrent_kernel, bias, *(initial_state or ()))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    # under torch.compile the operator serves inference too, where the reference's loop over time would be
-    # unrolled; a single step (decoding) stays the reference, which the compiler fuses
-    if not needs_grad and not (torch.compiler.is_compiling() and x.shape[1] > 1):
-        return slstm_recurrent(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
     out_dtype = x.dtype
     B, T, NH, _, DH = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
+    if not needs_grad and not torch.compiler.is_compiling():
+        kernels = _fused_kernels(x.to(dtype) if x.dtype != dtype else x)
+        if kernels is None:
+            return slstm_recurrent(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
+        x, recurrent_kernel, bias = (t.to(dtype) for t in (x, recurrent_kernel, bias))
+        state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device, dtype)
+        keep = None if mask is None else mask.T.contiguous()  # (T, B)
+        _, hs, cs, ns, ms = _cpu_forward(kernels, x, recurrent_kernel, bias,
+                                         *(s.to(dtype).transpose(0, 1) for s in state), keep, False)
+        out = hs[:, 1:].permute(2, 1, 0, 3).to(out_dtype)  # (B, T, NH, DH)
+        last = T % 2  # the slot of the final c, n, m
+        final = (hs[:, -1], cs[:, last], ns[:, last], ms[:, last])
+        return out, (tuple(s.transpose(0, 1) for s in final) if output_final_state else None)
+    # under torch.compile the operator serves inference too, where the reference's loop over time would be
+    # unrolled; a single step (decoding) stays the reference, which the compiler fuses
+    if not needs_grad and T == 1:
+        return slstm_recurrent(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
     # conversions and layout changes outside the Function: autograd takes their gradients back
     x, recurrent_kernel, bias = (t.to(dtype) for t in (x, recurrent_kernel, bias))
     state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device, dtype)
