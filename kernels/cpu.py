@@ -1,14 +1,20 @@
-"""The sLSTM's fused per-step CPU kernels (`slstm_cpu.c`): built on first use, loaded with ctypes.
+"""Fused CPU kernels in C (`cpu_kernels.c`): built on first use, loaded with ctypes.
 
-In eager PyTorch an sLSTM time step is a batched matmul (h_{t-1} R) plus ~15 pointwise operations on a few
-hundred values each, and it is their launch overhead, not arithmetic, that a step costs (~100 us of the
-125M model's ~110 us per step on a 2-core VM). The C kernels do a step's pointwise work, forward or
-backward, in one call; the matmul stays PyTorch's. They compute the same formulas as the reference
-(`cells.slstm_pointwise`, `slstm_autograd.slstm_backward`), which remain the fallback and the oracle of
-`tests/test_slstm_cpu_kernel.py`.
+- The sLSTM's per-step work. In eager PyTorch an sLSTM time step is a batched matmul (h_{t-1} R) plus ~15
+  pointwise operations on a few hundred values each, and it is their launch overhead, not arithmetic, that
+  a step costs (~70 of the 125M model's ~90 us per step on a 2-core VM). The C kernels do a step's pointwise
+  work, forward or backward, in one call; the matmul stays PyTorch's.
+- Decoding. The mLSTM state update with its read-out in one pass over C (`mlstm_step_update`: PyTorch
+  needs three), and `matvec`, a matrix times up to 8 vectors that reads the matrix once (MKL's GEMM
+  reaches a third to half of the memory bandwidth with so few rows). Both are custom operators, so a
+  compiled decode step calls them as opaque kernels.
 
-Built with the system's C compiler (`$CC`, else `cc`), `-O3 -march=native` and glibc's vector math library
-on x86-64 Linux, into a cache folder (`$XLSTM_HF_CACHE`, else `$XDG_CACHE_HOME/xlstm_hf`, else
+Each computes the formulas of the PyTorch code it replaces (`cells.slstm_pointwise`,
+`slstm_autograd.slstm_backward`, `cells.mlstm_step`, `F.linear`), which remains the fallback and the
+oracle of the tests (`tests/test_slstm_autograd.py`, `tests/test_cpu_kernels.py`).
+
+Built with the system's C compiler (`$CC`, else `cc`), `-O3 -march=native`, OpenMP (the libgomp that torch
+has loaded: one thread pool for both) and glibc's vector math library on x86-64 Linux, into a cache folder (`$XLSTM_HF_CACHE`, else `$XDG_CACHE_HOME/xlstm_hf`, else
 `~/.cache/xlstm_hf`) under a name that hashes the source, the flags and this CPU's instruction-set flags
 (a home folder shared by different machines gets one build per CPU kind): about a second, once.
 `XLSTM_CPU_KERNELS=0` turns them off; without a compiler, or when the build fails, the PyTorch steps run,
@@ -29,7 +35,7 @@ from pathlib import Path
 import torch
 
 ENV_VAR = "XLSTM_CPU_KERNELS"
-SOURCE = Path(__file__).with_name("slstm_cpu.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 
 
 def _cpu_fingerprint() -> str:
@@ -49,17 +55,17 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-    """Compile slstm_cpu.c (if not cached) and return the shared library's path."""
+    """Compile cpu_kernels.c (if not cached) and return the shared library's path."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler ({compiler!r} not found; set CC)")
     vector_math = platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc"
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared"]
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
     libraries = ["-lmvec", "-lm"] if vector_math else ["-lm"]
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags + libraries).encode(), compiler.encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
-    path = _cache_dir() / f"slstm_cpu-{key}.so"
+    path = _cache_dir() / f"cpu_kernels-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         # build beside the target and rename: concurrent builds (DDP ranks, test workers) never see half a file
@@ -78,29 +84,42 @@ _int, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 @functools.cache
 def library():
-    """The loaded kernels as {dtype: (forward_step, backward_step)}, or None where they are off or failed
-    to build (said once)."""
+    """The loaded kernels as {dtype: {name: function}}, or None where they are off or failed to build
+    (said once)."""
     if os.environ.get(ENV_VAR, "1") == "0":
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
     except Exception as error:  # any failure leaves the PyTorch steps in place
-        warnings.warn(f"xlstm_hf's fused CPU sLSTM kernels are unavailable ({error}); using the PyTorch steps "
+        warnings.warn(f"xlstm_hf's fused CPU kernels are unavailable ({error}); using PyTorch operations instead "
                       f"(slower; set {ENV_VAR}=0 to silence this)", stacklevel=2)
         return None
-    steps = {}
+    signatures = {
+        "slstm_forward_step": [_int, _int, _int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+                               _ptr, _int, _int, _ptr],
+        "slstm_backward_step": [_int, _int, _int, _ptr, _int, _int, _ptr, _ptr, _ptr, _int, _ptr, _int, _ptr, _ptr],
+        "mlstm_step_update": [_int, _int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr],
+        "matvec": [_int, _int, _int, _ptr, _ptr, _ptr, _ptr],
+    }
+    kernels = {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
-        forward, backward = getattr(lib, f"slstm_forward_step_{suffix}"), getattr(lib, f"slstm_backward_step_{suffix}")
-        forward.argtypes = [_int, _int, _int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int, _ptr]
-        backward.argtypes = [_int, _int, _int, _ptr, _int, _int, _ptr, _ptr, _ptr, _int, _ptr, _int, _ptr, _ptr]
-        forward.restype = backward.restype = None
-        steps[dtype] = (forward, backward)
-    return steps
+        kernels[dtype] = {}
+        for name, argtypes in signatures.items():
+            function = getattr(lib, f"{name}_{suffix}")
+            function.argtypes, function.restype = argtypes, None
+            kernels[dtype][name] = function
+    return kernels
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes it as a constant (no ctypes traced)
+def built() -> bool:
+    """The kernels are on and built (builds them on the first call)."""
+    return library() is not None
 
 
 def available(tensor: torch.Tensor) -> bool:
     """The fused kernels can take `tensor` (a CPU float32/float64 tensor) and have been built."""
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and library() is not None
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and built()
 
 
 def slstm_forward_loop(raw: torch.Tensor, recurrent_kernel: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor,
@@ -112,7 +131,7 @@ def slstm_forward_loop(raw: torch.Tensor, recurrent_kernel: torch.Tensor, hs: to
     cs, ns, ms: (NH, S, B, DH) contiguous with the initial state in slot 0; S = T+1 keeps every step's
     state (for a backward pass), S = 2 alternates two slots (inference; the final state ends in slot T % 2).
     recurrent_kernel: (NH, DH, 4, DH); keep: (T, B) bool contiguous, or None."""
-    forward = library()[raw.dtype][0]
+    forward = library()[raw.dtype]["slstm_forward_step"]
     NH, T, B, G, DH = raw.shape
     r = recurrent_kernel.reshape(NH, DH, G * DH)
     h = hs[:, 0].clone(memory_format=torch.contiguous_format)  # h_{t-1} for the matmul (the kernel writes each new h here)
@@ -137,10 +156,58 @@ def slstm_backward_step(coef: torch.Tensor, j: int, dh: torch.Tensor, dcn: torch
     (2, NH, B, DH) to the previous step. coef: (9, NH, L, B, DH) contiguous; dh, dh_prev: (NH, B, DH)
     contiguous; d_raw: (NH, T, B, 4, DH) contiguous; d_out: (NH, T, B, DH) contiguous; keep: (T, B) bool
     contiguous or None. (Same as the PyTorch step in `slstm_autograd.slstm_backward`.)"""
-    backward = library()[coef.dtype][1]
+    backward = library()[coef.dtype]["slstm_backward_step"]
     _, NH, L, B, DH = coef.shape
     size = coef.element_size()
     d_out_prev = d_out.data_ptr() + (t - 1) * B * DH * size if t > 0 else None
     backward(NH, B, DH, coef.data_ptr() + j * B * DH * size, coef.stride(0), coef.stride(1), dh.data_ptr(),
              dcn.data_ptr(), d_raw.data_ptr() + t * d_raw.stride(1) * size, d_raw.stride(0), d_out_prev,
              d_out.stride(0), dh_prev.data_ptr(), None if keep is None else keep.data_ptr() + t * B)
+
+
+# Decoding, as custom operators (opaque kernels inside a compiled decode step; fake implementations give
+# their shapes to the compiler).
+
+
+@torch.library.custom_op("xlstm_hf::mlstm_step_update", mutates_args={"C"})
+def mlstm_step_update(C: torch.Tensor, q: torch.Tensor, gain_k: torch.Tensor, v: torch.Tensor,
+                      decay: torch.Tensor) -> torch.Tensor:
+    """In place C <- decay C + gain_k v^T, and returns q^T C (of the new C), in one pass over C.
+    C: (B, NH, DK, DV) contiguous; q, gain_k: (B, NH, DK); v: (B, NH, DV); decay: (B, NH); one dtype.
+    Returns (B, NH, DV)."""
+    B, NH, DK, DV = C.shape
+    q, gain_k, v, decay = (t.contiguous() for t in (q, gain_k, v, decay))
+    num = v.new_empty(B, NH, DV)
+    library()[C.dtype]["mlstm_step_update"](B * NH, DK, DV, C.data_ptr(), q.data_ptr(), gain_k.data_ptr(),
+                                            v.data_ptr(), decay.data_ptr(), num.data_ptr())
+    return num
+
+
+@mlstm_step_update.register_fake
+def _(C, q, gain_k, v, decay):
+    return v.new_empty(v.shape)
+
+
+#: the most rows `matvec` takes (the C kernel keeps 8 accumulators)
+MATVEC_ROWS = 8
+
+
+@torch.library.custom_op("xlstm_hf::matvec", mutates_args=())
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b for x (..., I) of at most MATVEC_ROWS rows, W (O, I), b (O,) or None; one dtype.
+    Reads W once for all rows."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    R, (O, I) = rows.shape[0], weight.shape
+    if R > MATVEC_ROWS:
+        raise ValueError(f"matvec takes at most {MATVEC_ROWS} rows, got {R}")
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = rows.new_empty(R, O)
+    library()[x.dtype]["matvec"](R, I, O, rows.data_ptr(), weight.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), y.data_ptr())
+    return y.view(*x.shape[:-1], O)
+
+
+@matvec.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

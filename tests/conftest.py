@@ -95,3 +95,16 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         code = exit_info.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture
+def cpu_kernels_off(monkeypatch):
+    """xlstm_hf's fused CPU kernels off for the test (as in a checkpoint's copied code, which runs without
+    them): the PyTorch operations that are their fallback, to compare bitwise with such code."""
+    from xlstm_hf.kernels import cpu
+
+    monkeypatch.setenv(cpu.ENV_VAR, "0")
+    cpu.library.cache_clear()
+    yield
+    monkeypatch.undo()
+    cpu.library.cache_clear()

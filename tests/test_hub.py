@@ -642,9 +642,10 @@ REMOTE_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_trust_remote_code_without_xlstm_hf(hub, tmp_path):
+def test_trust_remote_code_without_xlstm_hf(hub, tmp_path, cpu_kernels_off):
     """A child process where importing xlstm_hf fails loads a saved folder and the pushed repository (and a
-    saved folder of the large design)."""
+    saved folder of the large design), and computes bitwise what the package computes without its optional
+    fused kernels (which the copied code does not carry)."""
     assert CODE_TRAVELS, code_problems_message()
     model, tokenizer = tiny_gpt2_model(), load_gpt2_tokenizer()
     folder = tmp_path / "xlstm-tiny"

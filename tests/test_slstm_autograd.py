@@ -1,6 +1,6 @@
 """`slstm_recurrent_bptt` (the sLSTM as custom operators with a hand-written backward over time) against
 autograd through the reference `cells.slstm_recurrent`. Every test runs twice: with the fused CPU step
-kernels (`kernels/slstm_cpu.c`) and with the PyTorch steps that are their fallback.
+kernels (`kernels/cpu_kernels.c`) and with the PyTorch steps that are their fallback.
 
 Tolerances: in float64 the two differ only by rounding in a different order (relative 1e-10, measured
 per tensor against its largest entry, is ample). In float32 the Function must be as accurate as the

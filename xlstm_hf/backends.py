@@ -32,17 +32,43 @@ from .cells import mlstm_chunkwise, mlstm_parallel, mlstm_step
 from .configuration_xlstm import KERNEL_BACKENDS
 from .slstm_autograd import slstm_recurrent_bptt
 
+try:  # (a try block: transformers' import check for a checkpoint's copied code skips it; the kernels are optional)
+    from xlstm_hf.kernels import cpu as cpu_kernels
+except ImportError:  # only the checkpoint's copied model code, without the xlstm_hf package
+    cpu_kernels = None
+
 ENV_VAR = "XLSTM_KERNEL_BACKEND"
 COMPILE_ENV_VAR = "XLSTM_COMPILE"
 #: compile_inference="auto" compiles the per-token work of models at least this wide
 AUTO_COMPILE_MIN_WIDTH = 512
+
+def fused_cpu(*tensors: torch.Tensor) -> bool:
+    """xlstm_hf's fused CPU kernels (`kernels/cpu.py`) can take these tensors: on, built, CPU tensors of one
+    dtype, float32 or float64, none needing gradients."""
+    return (cpu_kernels is not None and all(t.dtype == tensors[0].dtype for t in tensors)
+            and cpu_kernels.available(tensors[0])
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _fused_state_update(C, q, gain_k, v, decay):
+    """The decode step's in-place C update and read-out by the fused CPU kernel, where it applies."""
+    if C.is_contiguous() and fused_cpu(C, q, gain_k, v, decay):
+        return torch.ops.xlstm_hf.mlstm_step_update(C, q, gain_k, v, decay)
+    return None
+
+
+def mlstm_step_cpu(q, k, v, i, f, state, eps=1e-6):
+    """`cells.mlstm_step`, whose in-place state update and read-out (one pass over C instead of three) is
+    the fused CPU kernel where it applies: batch decoding reads and writes every row's C each step."""
+    return mlstm_step(q, k, v, i, f, state, eps, fused_update=_fused_state_update)
+
 
 TORCH_OPS = {
     # (cells.mlstm_chunkwise_recompute computes the same with less training memory, but with 2 threads it
     # was 1.5x slower than autograd through this one on CPU: 88 vs 55 ms fwd+bwd at B=1, T=512, D=384)
     "mlstm_chunkwise": mlstm_chunkwise,
     "mlstm_parallel": mlstm_parallel,
-    "mlstm_step": mlstm_step,
+    "mlstm_step": mlstm_step_cpu,
     # the reference's function and gradients, with the backward over time written out (no autograd replay
     # of ~15 small operations per step)
     "slstm": slstm_recurrent_bptt,
@@ -149,13 +175,26 @@ def matvec_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+#: the fewest input rows for which `linear` takes the fused kernel: with one or two rows MKL's GEMM reads the
+#: weights about as fast (Intel VM, 768 x 3072: 0.47 vs 0.53 ms at 1 row, 0.50 vs 0.82 at 2) and at three
+#: to eight it falls behind (8 rows: 0.90 vs 0.52 ms; the 50304 x 768 head: 21.0 vs 9.5 ms)
+MATVEC_MIN_ROWS = 3
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, max_rows: int = 1) -> torch.Tensor:
-    """`F.linear`, except inside a compiled decode step with at most `max_rows` input rows, where it is
-    `matvec_reference` (what the compiler turns into a bandwidth-bound loop). Several rows only pay off
-    where x is the compiled graph's input (the LM head): inside a block, Inductor would recompute x's
-    producers (a layer norm) in that loop for every row of W."""
-    if torch.compiler.is_compiling() and x.numel() <= max_rows * x.shape[-1] and x.device.type == "cpu":
-        return matvec_reference(x, weight, bias)
+    """`F.linear`, except for a few input rows on CPU without gradients (decoding): with 3 to 8 rows the
+    fused kernel `xlstm_hf::matvec`, which reads W once for all of them (`kernels/cpu.py`); where that
+    kernel cannot run (not built, bfloat16 weights), inside a compiled decode step with at most `max_rows`
+    rows, `matvec_reference` (what the compiler turns into a bandwidth-bound loop; several rows only pay
+    off where x is the compiled graph's input, the LM head: inside a block, Inductor would recompute x's
+    producers, a layer norm, in that loop for every row of W)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows <= 8 and x.device.type == "cpu":
+        if fused_cpu(x, weight, *(() if bias is None else (bias,))):
+            if rows >= MATVEC_MIN_ROWS:
+                return torch.ops.xlstm_hf.matvec(x, weight, bias)
+        elif torch.compiler.is_compiling() and rows <= max_rows:
+            return matvec_reference(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

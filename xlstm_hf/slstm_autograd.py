@@ -199,7 +199,7 @@ def slstm_backward(raw: torch.Tensor, recurrent_kernel: torch.Tensor, hs: torch.
             a, f = coef[7].unbind(1), coef[8].unbind(1)  # per step (NH, B, DH)
             for t in reversed(range(start, stop)):
                 j = t - start
-                if kernels is not None:  # the same step fused (kernels/slstm_cpu.c); dh is overwritten in place
+                if kernels is not None:  # the same step fused (kernels/cpu_kernels.c); dh is overwritten in place
                     kernels.slstm_backward_step(coef, j, dh, dcn, d_raw, t, d_out, dh_prev, keep_steps)
                     torch.baddbmm(dh_prev, d_flat[t], r_t, out=dh)
                     continue
