@@ -4,6 +4,8 @@
   pointwise operations on a few hundred values each, and it is their launch overhead, not arithmetic, that
   a step costs (~70 of the 125M model's ~90 us per step on a 2-core VM). The C kernels do a step's pointwise
   work, forward or backward, in one call; the matmul stays PyTorch's.
+- The mLSTM block's causal convolution without gradients (prefill): one pass over its input instead of
+  K + 1 (`causal_conv`).
 - Decoding. The mLSTM state update with its read-out in one pass over C (`mlstm_step_update`: PyTorch
   needs three), and `matvec`, a matrix times up to 8 vectors that reads the matrix once (MKL's GEMM
   reaches a third to half of the memory bandwidth with so few rows). Both are custom operators, so a
@@ -100,6 +102,7 @@ def library():
         "slstm_backward_step": [_int, _int, _int, _ptr, _int, _int, _ptr, _ptr, _ptr, _int, _ptr, _int, _ptr, _ptr],
         "mlstm_step_update": [_int, _int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr],
         "matvec": [_int, _int, _int, _ptr, _ptr, _ptr, _ptr],
+        "causal_conv": [_int, _int, _int, _int, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr],
     }
     kernels = {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
@@ -211,3 +214,27 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 @matvec.register_fake
 def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("xlstm_hf::causal_conv", mutates_args=())
+def causal_conv(x: torch.Tensor, window: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The causal depthwise convolution y_t = b + sum_j w_j x_{t-K+1+j} (inputs before the sequence: the
+    window, or zeros), in one pass. x: (B, T, F), unit stride along F; window: (B, K-1, F) or None;
+    weight: (F, 1, K) as nn.Conv1d's; bias: (F,); one dtype. Returns y (B, T, F) contiguous."""
+    B, T, F = x.shape
+    K = weight.shape[-1]
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    window = None if window is None or K == 1 else window.contiguous()
+    w = weight[:, 0, :].t().contiguous()  # (K, F)
+    bias = bias.contiguous()
+    y = x.new_empty(B, T, F)
+    library()[x.dtype]["causal_conv"](B, T, F, K, x.data_ptr(), x.stride(0), x.stride(1),
+                                      None if window is None else window.data_ptr(), w.data_ptr(), bias.data_ptr(),
+                                      y.data_ptr())
+    return y
+
+
+@causal_conv.register_fake
+def _(x, window, weight, bias):
+    return x.new_empty(x.shape)

@@ -213,3 +213,36 @@ MLSTM_STEP(double, f64)
 
 MATVEC(float, f32)
 MATVEC(double, f64)
+
+/* ---------------------------------------------------------------------------------------------------
+ * The causal depthwise convolution of the mLSTM block, without gradients (prefill): one pass over the
+ * input where PyTorch makes K + 1 (a concatenation with the carried window, then K multiply-adds).
+ *
+ *   y[b, t, f] = bias[f] + sum_j w[j, f] x[b, t - K + 1 + j, f]   (x before t = 0: the window, or zeros)
+ *
+ * x: (B, T, F) with strides (x_batch, x_time, 1) (a strided half of the up-projection); window: (B, K-1, F)
+ * contiguous, or NULL for zeros; w: (K, F) contiguous (the nn.Conv1d weight transposed); bias: (F,);
+ * y: (B, T, F) contiguous. Threads take (b, t) rows.
+ * ------------------------------------------------------------------------------------------------- */
+#define CAUSAL_CONV(T_, SUFFIX)                                                                              \
+    void causal_conv_##SUFFIX(int64_t B, int64_t T, int64_t F, int64_t K, const T_ *x, int64_t x_batch,     \
+                              int64_t x_time, const T_ *window, const T_ *w, const T_ *bias, T_ *y) {       \
+        _Pragma("omp parallel for schedule(static)")                                                       \
+        for (int64_t bt = 0; bt < B * T; bt++) {                                                           \
+            const int64_t b = bt / T, t = bt % T;                                                          \
+            T_ *out = y + bt * F;                                                                          \
+            for (int64_t f = 0; f < F; f++) out[f] = bias[f];                                              \
+            for (int64_t j = 0; j < K; j++) {                                                              \
+                const int64_t s = t - K + 1 + j; /* the input position this tap reads */                   \
+                const T_ *src = s >= 0 ? x + b * x_batch + s * x_time                                      \
+                                       : (window ? window + (b * (K - 1) + (K - 1 + s)) * F : 0);          \
+                if (!src) continue; /* zeros before the sequence */                                        \
+                const T_ *wj = w + j * F;                                                                  \
+                _Pragma("omp simd")                                                                        \
+                for (int64_t f = 0; f < F; f++) out[f] += wj[f] * src[f];                                  \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+
+CAUSAL_CONV(float, f32)
+CAUSAL_CONV(double, f64)

@@ -107,3 +107,24 @@ def test_operators_pass_opcheck():
     x, w, b = torch.randn(3, 6, dtype=torch.float64), torch.randn(7, 6, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
     torch.library.opcheck(torch.ops.xlstm_hf.matvec.default, (x, w, b))
     torch.library.opcheck(torch.ops.xlstm_hf.matvec.default, (x, w, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("T", [2, 3, 9])
+@pytest.mark.parametrize("with_window", [False, True])
+def test_causal_conv_kernel_equals_module(T, K, with_window, dtype):
+    """CausalConv1d without gradients (the fused kernel, on a strided half of a wider input as in the mLSTM
+    block) gives the PyTorch path's outputs and carried window, also for sequences shorter than the window."""
+    from xlstm_hf.modeling_xlstm import CausalConv1d
+
+    torch.manual_seed(T * 10 + K)
+    conv = CausalConv1d(20, K).to(dtype)
+    wide = torch.randn(2, T, 40, dtype=dtype)
+    x = wide[..., :20]  # strided in time
+    window = torch.randn(2, K - 1, 20, dtype=dtype) if with_window else None
+    with torch.no_grad():
+        y, new_window = conv(x, window)
+    want, want_window = conv(x, window)  # with autograd on (the parameters need gradients): PyTorch's path
+    assert torch.equal(new_window, want_window)
+    assert rel(y, want) < TOL[dtype]

@@ -255,3 +255,42 @@ def test_no_double_backward():
     (dq,) = torch.autograd.grad(h.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError):
         dq.sum().backward()
+
+
+def test_chunkwise_operator_passes_opcheck():
+    """The chunk loop as custom operators (what torch.compile sees): schema, fake implementation (the number
+    of saved states from a symbolic length), autograd registration."""
+    from xlstm_hf.cells import _mlstm_prepare
+
+    q, k, v, i, f, C, n, m = make_inputs(T=21, state=True)
+    prepared = [t.detach().requires_grad_() for t in _mlstm_prepare(q, k, v, i, f, (C, n, m))]
+    torch.library.opcheck(torch.ops.xlstm_hf.mlstm_chunkwise_forward.default, (*prepared, 1e-6, 8, 1))
+    torch.library.opcheck(torch.ops.xlstm_hf.mlstm_chunkwise_forward.default, (*prepared, 1e-6, 8, 2))
+
+
+def test_compiled_chunkwise_equals_eager_without_recompiling_per_length():
+    """Under torch.compile the chunk loop is one operator: outputs, final state and gradients equal eager
+    autograd through the loop (float64), and new lengths reuse one dynamic graph (the loop would otherwise
+    be unrolled into a graph per length)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def loss(q, k, v, i, f, C, n, m):
+        h, (C1, n1, m1) = mlstm_chunkwise(q, k, v, i, f, (C, n, m), output_final_state=True, chunk_size=8)
+        return h.square().sum() + C1.sum() + n1.square().sum()
+
+    # aot_eager: Dynamo and AOTAutograd as in training, without Inductor's code generation (fast)
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for T in (21, 29, 37, 43):
+        inputs = [t.requires_grad_() for t in make_inputs(T=T, state=True)]
+        want_loss = loss(*inputs)
+        want = torch.autograd.grad(want_loss, inputs)
+        got_loss = compiled(*inputs)
+        got = torch.autograd.grad(got_loss, inputs)
+        assert rel_err(got_loss, want_loss) < 1e-12
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < 1e-10
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames <= 2, f"{frames} graphs for 4 lengths: the loop is specialised per length"

@@ -211,10 +211,17 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
     Inside a chunk the parallel form is used, with the carried state (C, n, m) as an extra term; between
     chunks the state is advanced to the chunk's end. Shapes as in `mlstm_parallel`; `initial_state` and
     the returned state are (C, n, m) as in `mlstm_zero_state`. Autograd records every chunk's intermediates;
-    `mlstm_chunkwise_recompute` computes the same with a backward that recomputes them.
+    `mlstm_chunkwise_recompute` computes the same with a backward that recomputes them, and under
+    torch.compile the loop is the custom operator `xlstm_hf::mlstm_chunkwise_forward` with that backward.
     """
     out_dtype = v.dtype
-    h, state = _mlstm_chunkwise_loop(*_mlstm_prepare(q, k, v, i, f, initial_state), eps, chunk_size)
+    prepared = _mlstm_prepare(q, k, v, i, f, initial_state)
+    if torch.compiler.is_compiling():  # one opaque operator, not a loop unrolled per sequence length
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in prepared)
+        every = 1 if needs_grad else 1 << 30  # (inference keeps only the first state)
+        h, *state = torch.ops.xlstm_hf.mlstm_chunkwise_forward(*prepared, eps, chunk_size, every)[:4]
+        return h.to(out_dtype), (tuple(state) if output_final_state else None)
+    h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size)
     return h.to(out_dtype), (state if output_final_state else None)
 
 
@@ -294,28 +301,36 @@ class MLSTMChunkwiseFunction(torch.autograd.Function):
     def _backward(ctx, saved_tensors, dh, dC, dn):
         q, k, v, i, log_f, h, *flat = saved_tensors
         saved = [flat[j:j + 3] for j in range(0, len(flat), 3)]
-        T, L, every = q.shape[-2], ctx.chunk_size, ctx.state_every
-        chunks = lambda c: slice(c * L, min(T, (c + 1) * L))  # noqa: E731  (the positions of chunk c)
-        dh = torch.zeros_like(h) if dh is None else dh
-        dC = torch.zeros_like(saved[0][0]) if dC is None else dC
-        dn = torch.zeros_like(saved[0][1]) if dn is None else dn
-        dq, dk, dv, di, dlog_f = (torch.empty_like(t) for t in (q, k, v, i, log_f))
-        above_diagonal = _above_diagonal(L, T, q.device)
-        n_chunks = -(-T // L)
-        for first in reversed(range(0, n_chunks, every)):
-            # the states carried into chunks first .. last of this stretch, from the saved one
-            states = [saved[first // every]]
-            for c in range(first, min(first + every, n_chunks) - 1):
-                b = log_f[..., chunks(c)].cumsum(-1)
-                kc, vc, ic = k[..., chunks(c), :], v[..., chunks(c), :], i[..., chunks(c)]
-                states.append(_chunk_advance(kc, vc, ic, b, *states[-1]))
-            for c in reversed(range(first, first + len(states))):
-                rows = chunks(c)
-                dq[..., rows, :], dk[..., rows, :], dv[..., rows, :], di[..., rows], dlog_f[..., rows], dC, dn, dm = \
-                    _mlstm_chunk_backward(*(t[..., rows, :] for t in (q, k, v)), i[..., rows], log_f[..., rows],
-                                          h[..., rows, :], dh[..., rows, :], *states.pop(), dC, dn, ctx.eps,
-                                          above_diagonal)
-        return dq, dk, dv, di, dlog_f, dC, dn, dm, None, None, None
+        return (*_mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, ctx.eps, ctx.chunk_size,
+                                           ctx.state_every), None, None, None)
+
+
+def _mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, eps, L, every):
+    """The gradients (dq, dk, dv, di, dlog_f, dC, dn, dm) of the chunk loop from those of h and of the final
+    (C, n) (None: zero), given `saved`, the states carried into every `every`-th chunk (see
+    `MLSTMChunkwiseFunction`)."""
+    T = q.shape[-2]
+    chunks = lambda c: slice(c * L, min(T, (c + 1) * L))  # noqa: E731  (the positions of chunk c)
+    dh = torch.zeros_like(h) if dh is None else dh
+    dC = torch.zeros_like(saved[0][0]) if dC is None else dC
+    dn = torch.zeros_like(saved[0][1]) if dn is None else dn
+    dq, dk, dv, di, dlog_f = (torch.empty_like(t) for t in (q, k, v, i, log_f))
+    above_diagonal = _above_diagonal(L, T, q.device)
+    n_chunks = -(-T // L)
+    for first in reversed(range(0, n_chunks, every)):
+        # the states carried into chunks first .. last of this stretch, from the saved one
+        states = [saved[first // every]]
+        for c in range(first, min(first + every, n_chunks) - 1):
+            b = log_f[..., chunks(c)].cumsum(-1)
+            kc, vc, ic = k[..., chunks(c), :], v[..., chunks(c), :], i[..., chunks(c)]
+            states.append(_chunk_advance(kc, vc, ic, b, *states[-1]))
+        for c in reversed(range(first, first + len(states))):
+            rows = chunks(c)
+            dq[..., rows, :], dk[..., rows, :], dv[..., rows, :], di[..., rows], dlog_f[..., rows], dC, dn, dm = \
+                _mlstm_chunk_backward(*(t[..., rows, :] for t in (q, k, v)), i[..., rows], log_f[..., rows],
+                                      h[..., rows, :], dh[..., rows, :], *states.pop(), dC, dn, eps,
+                                      above_diagonal)
+    return dq, dk, dv, di, dlog_f, dC, dn, dm
 
 
 @float32_compute
@@ -336,6 +351,72 @@ def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_st
     else:  # nothing to differentiate: no states to keep
         h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size)
     return h.to(out_dtype), (tuple(state) if output_final_state else None)
+
+
+# The chunk loop as two custom operators (`torch.library`) for torch.compile: opaque to Dynamo, which would
+# otherwise unroll the loop over ceil(T / chunk_size) chunks and so compile a graph per sequence length.
+# The forward saves the state carried into every `state_every`-th chunk, stacked (S, ...); the backward is
+# MLSTMChunkwiseFunction's. On prepared inputs (`_mlstm_prepare`), one dtype.
+#
+#     mlstm_chunkwise_forward(q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every)
+#         -> h, C', n', m', and the saved states Cs (S, B, NH, DK, DV), ns (S, B, NH, DK), ms (S, B, NH)
+
+
+@torch.library.custom_op("xlstm_hf::mlstm_chunkwise_forward", mutates_args=())
+def mlstm_chunkwise_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, log_f: torch.Tensor,
+                            C: torch.Tensor, n: torch.Tensor, m: torch.Tensor, eps: float, chunk_size: int,
+                            state_every: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        states = []
+        h, (C, n, m) = _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states, state_every)
+        Cs, ns, ms = (torch.stack(s) for s in zip(*states))
+    return h, C, n, m, Cs, ns, ms
+
+
+@mlstm_chunkwise_forward.register_fake
+def _(q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every):
+    saved = -(-(-(-q.shape[-2] // chunk_size)) // state_every)  # ceil(ceil(T / L) / every)
+    return (v.new_empty(v.shape), torch.empty_like(C), torch.empty_like(n), torch.empty_like(m),
+            C.new_empty(saved, *C.shape), n.new_empty(saved, *n.shape), m.new_empty(saved, *m.shape))
+
+
+@torch.library.custom_op("xlstm_hf::mlstm_chunkwise_backward", mutates_args=())
+def mlstm_chunkwise_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor,
+                             log_f: torch.Tensor, h: torch.Tensor, Cs: torch.Tensor, ns: torch.Tensor,
+                             ms: torch.Tensor, dh: torch.Tensor, dC: torch.Tensor, dn: torch.Tensor, eps: float,
+                             chunk_size: int, state_every: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients (dq, dk, dv, di, dlog_f, dC, dn, dm) of `mlstm_chunkwise_forward`'s inputs."""
+    with autocast_off(q.device.type):
+        saved = list(zip(Cs.unbind(0), ns.unbind(0), ms.unbind(0)))
+        return _mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, eps, chunk_size, state_every)
+
+
+@mlstm_chunkwise_backward.register_fake
+def _(q, k, v, i, log_f, h, Cs, ns, ms, dh, dC, dn, eps, chunk_size, state_every):
+    return (*(torch.empty_like(t) for t in (q, k, v, i, log_f)), torch.empty_like(Cs[0]), torch.empty_like(ns[0]),
+            torch.empty_like(ms[0]))
+
+
+def _chunkwise_setup_context(ctx, inputs, output):
+    q, k, v, i, log_f, _, _, _, eps, chunk_size, state_every = inputs
+    ctx.save_for_backward(q, k, v, i, log_f, output[0], *output[4:])
+    ctx.options = eps, chunk_size, state_every
+    ctx.mark_non_differentiable(*output[3:])  # the final m (a constant, as in the reference), the saved states
+
+
+def _chunkwise_backward(ctx, dh, dC, dn, *_):
+    q, k, v, i, log_f, h, Cs, ns, ms = ctx.saved_tensors
+    dh = torch.zeros_like(h) if dh is None else dh
+    dC = torch.zeros_like(Cs[0]) if dC is None else dC
+    dn = torch.zeros_like(ns[0]) if dn is None else dn
+    grads = torch.ops.xlstm_hf.mlstm_chunkwise_backward(q, k, v, i, log_f, h, Cs, ns, ms, dh, dC, dn, *ctx.options)
+    return (*grads, None, None, None)
+
+
+mlstm_chunkwise_forward.register_autograd(_chunkwise_backward, setup_context=_chunkwise_setup_context)
 
 
 @float32_compute

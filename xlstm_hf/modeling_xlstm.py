@@ -32,7 +32,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .backends import compile_enabled, decode_call, get_ops, linear
+from .backends import compile_enabled, decode_call, fused_cpu, get_ops, linear
 from .configuration_xlstm import xLSTMConfig
 
 try:  # model cards and Hub uploads where xlstm_hf is installed; an absolute import, which save_pretrained does
@@ -244,9 +244,16 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor, window: torch.Tensor | None = None):
         K = self.kernel_size
+        given = window
         if window is None:
             window = x.new_zeros(x.shape[0], K - 1, x.shape[2])
-        xw = torch.cat([window.to(x.dtype), x], dim=1)  # (B, K-1+T, F)
+        window = window.to(x.dtype)
+        if x.shape[1] > 1 and fused_cpu(x, window, self.weight, self.bias):
+            # no gradients (prefill) on CPU: the fused kernel, one pass over x and no concatenation
+            y = torch.ops.xlstm_hf.causal_conv(x, given if given is None else window, self.weight, self.bias)
+            tail = x[:, max(x.shape[1] - (K - 1), 0):]  # the last min(T, K-1) inputs
+            return y, torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
+        xw = torch.cat([window, x], dim=1)  # (B, K-1+T, F)
         if x.shape[1] == 1:  # decode: one dot product per feature, no conv launch
             y = torch.einsum("bkf,fk->bf", xw, self.weight[:, 0, :])[:, None] + self.bias
         else:
