@@ -104,3 +104,33 @@ def test_training_loss_without_logits(design, monkeypatch):
     assert model(ids, labels=labels).logits.shape == (4, 24, V)  # eval keeps HF's logits
     with pytest.raises(ValueError, match="skip_logits=True needs labels"):
         model(ids, skip_logits=True)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_loss_operator_passes_opcheck(cap):
+    """The loss is the custom operator xlstm_hf::linear_cross_entropy (its chunk loop opaque to torch.compile):
+    schema, fake implementation and autograd registration pass opcheck, with and without gradients."""
+    hidden, weight, labels = _inputs()
+    targets = labels.reshape(-1)
+    op = torch.ops.xlstm_hf.linear_cross_entropy.default
+    torch.library.opcheck(op, (hidden.reshape(-1, 8).detach().requires_grad_(), weight, targets, cap, -100, 5, True, True))
+    torch.library.opcheck(op, (hidden.reshape(-1, 8).detach(), weight.detach(), targets, cap, -100, 5, False, False))
+
+
+def test_compiled_loss_does_not_recompile_per_length(monkeypatch):
+    """Under torch.compile the number of loss chunks (here of 4 rows) does not specialise the graph: new
+    lengths reuse one dynamic graph, with eager's loss and gradients."""
+    import torch._dynamo
+
+    monkeypatch.setattr(modeling_xlstm, "LOSS_CHUNK_ELEMENTS", 4 * 37)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(lambda h, w, y: linear_cross_entropy(h, w, y), backend="aot_eager", fullgraph=True)
+    for T in (11, 13, 17, 19):
+        hidden, weight, labels = _inputs(T=T)
+        got = compiled(hidden, weight, labels)
+        want = linear_cross_entropy(hidden, weight, labels)
+        assert abs(got.item() - want.item()) < 1e-12
+        for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
+            assert (a - b).abs().max() < 1e-12
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2

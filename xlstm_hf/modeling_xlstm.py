@@ -813,53 +813,70 @@ class xLSTMModel(xLSTMPreTrainedModel):
 LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of soft_cap(hidden @ weight^T) against targets, a chunk of rows at a time.
+# The loss as a custom operator (`torch.library`): its loop over chunks of rows stays opaque to torch.compile,
+# which would otherwise unroll it, and specialise the graph on the number of tokens (a recompile per length).
+# The loss is a scalar, so its gradients are computed chunk by chunk in the forward (softmax minus one-hot,
+# through the soft cap, times hidden or weight) and only scaled in the backward: no chunk's logits outlive
+# it. Logits, softmax and gradients are float32, as the unfused loss computes them (float64 for float64
+# weights). Gradients that are not needed come back empty.
 
-    The loss is a scalar, so its gradients are computed chunk by chunk in the forward (softmax minus
-    one-hot, through the soft cap, times hidden or weight) and only scaled in the backward: no chunk's
-    logits outlive it. Logits, softmax and gradients are float32, as the unfused loss computes them (float64
-    for float64 weights)."""
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, cap, ignore_index, rows, grads):
-        # (`grads`: whether autograd was on at the call; inside forward it is always off)
-        needs_hidden, needs_weight = (grads and needed for needed in ctx.needs_input_grad[:2])
-        dtype = torch.promote_types(weight.dtype, torch.float32)  # float32 (float64 for float64 weights)
-        grad_hidden = torch.zeros_like(hidden, dtype=dtype) if needs_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=dtype) if needs_weight else None
-        total = hidden.new_zeros((), dtype=dtype)
-        weight32 = weight.to(dtype) if needs_hidden else None  # once, not per chunk (a copy for bf16 weights)
-        for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start:start + rows], targets[start:start + rows]
-            raw = F.linear(h, weight).to(dtype)
-            z = soft_cap(raw, cap)
-            valid = t != ignore_index
-            safe_t = t.masked_fill(~valid, 0)
-            lse = torch.logsumexp(z, dim=-1)
-            total += ((lse - z.gather(-1, safe_t[:, None])[:, 0]) * valid).sum()
-            if needs_hidden or needs_weight:
-                # d loss / d z = softmax - one-hot, the softmax as exp(z - lse) (written over z when no cap
-                # needs z later); rows of ignored targets are zeroed in the (rows, H) factors, not in g
-                g = torch.sub(z, lse[:, None], out=z if cap is None else None).exp_()
-                g[torch.arange(len(t), device=t.device), safe_t] -= 1
-                if cap is not None:
-                    g *= 1 - (z / cap).square()  # d(cap tanh(raw / cap)) / d raw
-                keep = valid[:, None].to(dtype)
-                if needs_hidden:
-                    grad_hidden[start:start + rows] = (g @ weight32).mul_(keep)
-                if needs_weight:
-                    grad_weight.addmm_(g.T, h.to(dtype) * keep)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.dtypes = hidden.dtype, weight.dtype
-        return total
+@torch.library.custom_op("xlstm_hf::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float | None,
+                          ignore_index: int, rows: int, needs_hidden: bool, needs_weight: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed loss, d loss / d hidden, d loss / d weight) of soft_cap(hidden @ weight^T) against targets:
+    hidden (N, H), weight (V, H), targets (N,); `rows` rows of logits at a time."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)  # float32 (float64 for float64 weights)
+    grad_hidden = torch.zeros_like(hidden, dtype=dtype) if needs_hidden else hidden.new_empty(0, dtype=dtype)
+    grad_weight = torch.zeros_like(weight, dtype=dtype) if needs_weight else weight.new_empty(0, dtype=dtype)
+    total = hidden.new_zeros((), dtype=dtype)
+    weight32 = weight.to(dtype) if needs_hidden else None  # once, not per chunk (a copy for bf16 weights)
+    for start in range(0, hidden.shape[0], rows):
+        h, t = hidden[start:start + rows], targets[start:start + rows]
+        raw = F.linear(h, weight).to(dtype)
+        z = soft_cap(raw, cap)
+        valid = t != ignore_index
+        safe_t = t.masked_fill(~valid, 0)
+        lse = torch.logsumexp(z, dim=-1)
+        total += ((lse - z.gather(-1, safe_t[:, None])[:, 0]) * valid).sum()
+        if needs_hidden or needs_weight:
+            # d loss / d z = softmax - one-hot, the softmax as exp(z - lse) (written over z when no cap
+            # needs z later); rows of ignored targets are zeroed in the (rows, H) factors, not in g
+            g = torch.sub(z, lse[:, None], out=z if cap is None else None).exp_()
+            g[torch.arange(len(t), device=t.device), safe_t] -= 1
+            if cap is not None:
+                g *= 1 - (z / cap).square()  # d(cap tanh(raw / cap)) / d raw
+            keep = valid[:, None].to(dtype)
+            if needs_hidden:
+                grad_hidden[start:start + rows] = (g @ weight32).mul_(keep)
+            if needs_weight:
+                grad_weight.addmm_(g.T, h.to(dtype) * keep)
+    return total, grad_hidden, grad_weight
 
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        dh = None if grad_hidden is None else (grad_hidden * grad_total).to(ctx.dtypes[0])
-        dw = None if grad_weight is None else (grad_weight * grad_total).to(ctx.dtypes[1])
-        return dh, dw, None, None, None, None, None
+
+@_linear_cross_entropy.register_fake
+def _(hidden, weight, targets, cap, ignore_index, rows, needs_hidden, needs_weight):
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return (hidden.new_empty((), dtype=dtype),
+            torch.empty_like(hidden, dtype=dtype) if needs_hidden else hidden.new_empty(0, dtype=dtype),
+            torch.empty_like(weight, dtype=dtype) if needs_weight else weight.new_empty(0, dtype=dtype))
+
+
+def _loss_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.dtypes = inputs[0].dtype, inputs[1].dtype
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _loss_backward(ctx, grad_total, *_):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    dh = (grad_hidden * grad_total).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    dw = (grad_weight * grad_total).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    return dh, dw, None, None, None, None, None, None
+
+
+_linear_cross_entropy.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 
 
 def linear_cross_entropy(hidden, weight, labels, cap=None, num_items_in_batch=None, ignore_index=-100,
@@ -873,8 +890,11 @@ def linear_cross_entropy(hidden, weight, labels, cap=None, num_items_in_batch=No
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden.device)
     rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
-    total = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, cap, ignore_index, rows,
-                                      torch.is_grad_enabled())
+    grads = torch.is_grad_enabled()
+    total = torch.ops.xlstm_hf.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets,
+                                                    None if cap is None else float(cap),
+                                                    ignore_index, rows, grads and hidden.requires_grad,
+                                                    grads and weight.requires_grad)[0]
     if num_items_in_batch is None:
         return total / (targets != ignore_index).sum()
     return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
