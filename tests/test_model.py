@@ -552,3 +552,49 @@ def test_causal_conv_equals_depthwise_conv1d(T, with_window):
     for a, b in zip(torch.autograd.grad(y, (x, conv.weight, conv.bias), dy),
                     torch.autograd.grad(ref, (x, conv.weight, conv.bias), dy)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_long_inference_forward_in_segments_is_exact(design, with_cache, monkeypatch):
+    """A long no-grad forward runs in segments of about PREFILL_SEGMENT_TOKENS tokens through a cache (here
+    segments of one chunk, 8 tokens): the same hidden states, logits and final cache as one pass (float64),
+    with left padding, from a carried cache or from none; never under autograd."""
+    from xlstm_hf import modeling_xlstm
+
+    model = tiny_model(design=design, dtype=torch.float64)
+    ids = torch.randint(1, 97, (2, 37))
+    mask = torch.ones(2, 37, dtype=torch.long)
+    mask[1, :5] = 0
+    calls = []
+    original = xLSTMModel.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(xLSTMModel, "forward", counting)
+
+    def run(segment_tokens):
+        monkeypatch.setattr(modeling_xlstm, "PREFILL_SEGMENT_TOKENS", segment_tokens)
+        cache = None
+        if with_cache:  # continue from a cache of a first part
+            cache = xLSTMCache(model.config)
+            with torch.no_grad():
+                model(ids[:, :3], attention_mask=mask[:, :3], past_key_values=cache, use_cache=True)
+        calls.clear()
+        with torch.no_grad():
+            out = model(ids[:, 3:], attention_mask=mask if with_cache else mask[:, 3:], past_key_values=cache,
+                        use_cache=True)
+        return out, len(calls)
+
+    whole, one = run(1 << 30)
+    parts, many = run(16)  # 2 rows x 8 tokens
+    assert one == 1 and many == 1 + 5  # the outer call and one per segment of 8 of the 34 tokens
+    assert (parts.logits - whole.logits).abs().max() < 1e-12
+    for a, b in zip(parts.past_key_values.states, whole.past_key_values.states):
+        for key in a:
+            if a[key] is not None:
+                assert (a[key] - b[key]).abs().max() < 1e-12, key
+    calls.clear()
+    model(ids, attention_mask=mask).logits.sum().backward()  # with gradients: one pass
+    assert len(calls) == 1

@@ -680,6 +680,10 @@ class xLSTMPreTrainedModel(xLSTMHubMixin, PreTrainedModel):
         return False  # our state lives in xLSTMCache, not in a key/value cache
 
 
+#: tokens (over the batch) per segment of a long inference forward (xLSTMModel._prefill_segment)
+PREFILL_SEGMENT_TOKENS = 2048
+
+
 class xLSTMModel(xLSTMPreTrainedModel):
     """The block stack: token embedding, mLSTM/sLSTM blocks, final norm. Returns hidden states."""
 
@@ -750,6 +754,16 @@ class xLSTMModel(xLSTMPreTrainedModel):
             if cache.batch_size is not None and cache.batch_size != B:
                 raise ValueError(f"the cache has batch size {cache.batch_size}, the input has {B}")
         mask = self._padding_mask(attention_mask, B, T, cache.get_seq_length() if cache is not None else 0)
+        segment = self._prefill_segment(B, T, output_hidden_states)
+        if segment:  # a long prefill, segment by segment through a cache (see _prefill_segment)
+            cache = cache if cache is not None else xLSTMCache(self.config)
+            hidden = torch.cat([self(inputs_embeds=inputs_embeds[:, s:s + segment], cache=cache, use_cache=True,
+                                     attention_mask=None if mask is None else mask[:, s:s + segment],
+                                     return_dict=True).last_hidden_state for s in range(0, T, segment)], dim=1)
+            out_cache = cache if use_cache else None
+            if not return_dict:
+                return tuple(v for v in (hidden, out_cache) if v is not None)
+            return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_NAME: out_cache})
 
         hidden = self.embedding_dropout(inputs_embeds)
         all_hidden = (hidden,) if output_hidden_states else None
@@ -775,6 +789,18 @@ class xLSTMModel(xLSTMPreTrainedModel):
         if not return_dict:
             return tuple(v for v in (hidden, out_cache, all_hidden) if v is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=all_hidden, **{CACHE_NAME: out_cache})
+
+    def _prefill_segment(self, batch: int, length: int, output_hidden_states: bool) -> int | None:
+        """The segment length for a long inference forward, or None for one pass. Without autograd the
+        state carried through a cache makes segments exact (they start at chunk boundaries), and a segment
+        of about PREFILL_SEGMENT_TOKENS tokens (over the batch) keeps each block's intermediates in cache:
+        125M model on the Intel VM, B=8, T=2048: 398 -> 538 tok/s in segments of 256; B=1, T=8192: 403 ->
+        509 in segments of 2048 (B=1, T=2048 is fastest in one pass)."""
+        if self.training or torch.is_grad_enabled() or output_hidden_states or torch.compiler.is_compiling():
+            return None
+        chunk = self.config.chunk_size
+        segment = max(chunk, PREFILL_SEGMENT_TOKENS // batch // chunk * chunk)
+        return segment if length > segment else None
 
     @staticmethod
     def _padding_mask(attention_mask, batch: int, length: int, past: int) -> torch.Tensor | None:
