@@ -179,6 +179,8 @@ def matvec_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 #: weights about as fast (Intel VM, 768 x 3072: 0.47 vs 0.53 ms at 1 row, 0.50 vs 0.82 at 2) and at three
 #: to eight it falls behind (8 rows: 0.90 vs 0.52 ms; the 50304 x 768 head: 21.0 vs 9.5 ms)
 MATVEC_MIN_ROWS = 3
+#: the most rows the fused kernel takes (its limit; none without the kernels)
+MATVEC_MAX_ROWS = cpu_kernels.MATVEC_ROWS if cpu_kernels is not None else 0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, max_rows: int = 1) -> torch.Tensor:
@@ -189,11 +191,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     off where x is the compiled graph's input, the LM head: inside a block, Inductor would recompute x's
     producers, a layer norm, in that loop for every row of W)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows <= 8 and x.device.type == "cpu":
-        if fused_cpu(x, weight, *(() if bias is None else (bias,))):
-            if rows >= MATVEC_MIN_ROWS:
-                return torch.ops.xlstm_hf.matvec(x, weight, bias)
-        elif torch.compiler.is_compiling() and rows <= max_rows:
+    if x.device.type == "cpu" and rows <= max(max_rows, MATVEC_MAX_ROWS):
+        fused = fused_cpu(x, weight, *(() if bias is None else (bias,)))
+        if fused and MATVEC_MIN_ROWS <= rows <= MATVEC_MAX_ROWS:
+            return torch.ops.xlstm_hf.matvec(x, weight, bias)
+        if not fused and torch.compiler.is_compiling() and rows <= max_rows:
             return matvec_reference(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -250,7 +250,7 @@ class CausalConv1d(nn.Module):
         window = window.to(x.dtype)
         if x.shape[1] > 1 and fused_cpu(x, window, self.weight, self.bias):
             # no gradients (prefill) on CPU: the fused kernel, one pass over x and no concatenation
-            y = torch.ops.xlstm_hf.causal_conv(x, given if given is None else window, self.weight, self.bias)
+            y = torch.ops.xlstm_hf.causal_conv(x, None if given is None else window, self.weight, self.bias)
             tail = x[:, max(x.shape[1] - (K - 1), 0):]  # the last min(T, K-1) inputs
             return y, torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
         xw = torch.cat([window, x], dim=1)  # (B, K-1+T, F)

@@ -267,31 +267,26 @@ def slstm_recurrent_bptt(x, recurrent_kernel, bias, initial_state=None, output_f
     keeps nothing for a backward pass (except under torch.compile): the fused kernels or the reference."""
     inputs = (x, recurrent_kernel, bias, *(initial_state or ()))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    compiling = torch.compiler.is_compiling()
     out_dtype = x.dtype
     B, T, NH, _, DH = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
-    if not needs_grad and not torch.compiler.is_compiling():
-        kernels = _fused_kernels(x.to(dtype) if x.dtype != dtype else x)
-        if kernels is None:
-            return slstm_recurrent(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
-        x, recurrent_kernel, bias = (t.to(dtype) for t in (x, recurrent_kernel, bias))
-        state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device, dtype)
-        keep = None if mask is None else mask.T.contiguous()  # (T, B)
-        _, hs, cs, ns, ms = _cpu_forward(kernels, x, recurrent_kernel, bias,
-                                         *(s.to(dtype).transpose(0, 1) for s in state), keep, False)
-        out = hs[:, 1:].permute(2, 1, 0, 3).to(out_dtype)  # (B, T, NH, DH)
-        last = T % 2  # the slot of the final c, n, m
-        final = (hs[:, -1], cs[:, last], ns[:, last], ms[:, last])
-        return out, (tuple(s.transpose(0, 1) for s in final) if output_final_state else None)
-    # under torch.compile the operator serves inference too, where the reference's loop over time would be
-    # unrolled; a single step (decoding) stays the reference, which the compiler fuses
-    if not needs_grad and T == 1:
+    # conversions and layout changes outside the operator: autograd takes their gradients back
+    x_c, recurrent_kernel_c, bias_c = (t.to(dtype) for t in (x, recurrent_kernel, bias))
+    kernels = None if compiling else _fused_kernels(x_c)
+    # without gradients: the fused forward on CPU, else the reference (which keeps nothing either); under
+    # torch.compile the operator serves sequences, where the reference's loop would be unrolled, and a single
+    # step (decoding) stays the reference, which the compiler fuses
+    if not needs_grad and (T == 1 if compiling else kernels is None):
         return slstm_recurrent(x, recurrent_kernel, bias, initial_state, output_final_state, mask)
-    # conversions and layout changes outside the Function: autograd takes their gradients back
-    x, recurrent_kernel, bias = (t.to(dtype) for t in (x, recurrent_kernel, bias))
     state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device, dtype)
     h0, c0, n0, m0 = (s.to(dtype).transpose(0, 1) for s in state)  # (NH, B, DH)
     keep = None if mask is None else mask.T[None, :, :, None].contiguous()  # (1, T, B, 1)
-    out, *final = torch.ops.xlstm_hf.slstm_forward(x, recurrent_kernel, bias, h0, c0, n0, m0, keep)[:5]
+    if not needs_grad and not compiling:  # the fused forward, keeping no per-step states
+        _, hs, cs, ns, ms = _cpu_forward(kernels, x_c, recurrent_kernel_c, bias_c, h0, c0, n0, m0, keep, False)
+        out = hs[:, 1:].permute(2, 1, 0, 3).to(out_dtype)  # (B, T, NH, DH)
+        final = (hs[:, -1], *(s[:, T % 2] for s in (cs, ns, ms)))  # (c, n, m alternate between two slots)
+        return out, (tuple(s.transpose(0, 1) for s in final) if output_final_state else None)
+    out, *final = torch.ops.xlstm_hf.slstm_forward(x_c, recurrent_kernel_c, bias_c, h0, c0, n0, m0, keep)[:5]
     out = out.permute(2, 1, 0, 3).to(out_dtype)  # (B, T, NH, DH)
     return out, (tuple(s.transpose(0, 1) for s in final) if output_final_state else None)
