@@ -222,6 +222,19 @@ class MultiHeadLayerNorm(LayerNorm):
         return y + self.bias if self.bias is not None else y
 
 
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x with row-major strides in every dimension: a view where x is contiguous, else a copy. (Contiguous
+    tensors may carry any stride in a dimension of size 1, such as a batch of one, and torch.compile guards
+    on strides: the compiled decode step would compile again for a prefill's cache layout.)"""
+    stride, dense_strides = 1, []
+    for size in reversed(x.shape):
+        dense_strides.insert(0, stride)
+        stride *= max(size, 1)
+    if list(x.stride()) == dense_strides:
+        return x
+    return x.as_strided(x.shape, dense_strides) if x.is_contiguous() else x.contiguous()
+
+
 class CausalConv1d(nn.Module):
     """Causal depthwise convolution over time with a carried window of the last `kernel_size - 1` inputs.
 
@@ -776,8 +789,8 @@ class xLSTMModel(xLSTMPreTrainedModel):
             # one shared decode_call frame would be re-specialised for every block type and length)
             args = (hidden, state, mask, cache is not None)
             hidden, new_state = decode_call(True, block, *args) if compiled else block(*args)
-            if cache is not None:
-                cache.states[j] = new_state
+            if cache is not None:  # (dense: the compiled decode step sees one layout, after a prefill or a step)
+                cache.states[j] = {k: v if v is None else dense(v) for k, v in new_state.items()}
             if output_hidden_states:
                 all_hidden += (hidden,)
         hidden = self.final_norm(hidden)
@@ -1018,6 +1031,8 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             # decoding (one position per row): compiled, one graph per batch size up to matvec_rows
             compiled = (hidden.shape[1] == 1 and hidden.shape[0] <= getattr(self.lm_head, "matvec_rows", 0)
                         and inference_compiled(self, hidden.device, self.lm_head))
+            if compiled:  # one layout for the compiled head (a prefill's last position is a strided view)
+                hidden = dense(hidden)
             logits = soft_cap(decode_call(compiled, self.lm_head, hidden).float(), self.config.logits_soft_cap)
         if has_labels and not skip_logits:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
