@@ -69,6 +69,9 @@ def test_mlstm_state_passing():
     h1, s1 = mlstm_chunkwise(*first, output_final_state=True, chunk_size=8)
     h2, s2 = mlstm_chunkwise(*second, initial_state=s1, output_final_state=True, chunk_size=8)
     assert rel_err(torch.cat([h1, h2], -2), h) < 1e-10
+    # without the final state (the loop then skips the last chunk's state update): the same outputs
+    h2_alone, none = mlstm_chunkwise(*second, initial_state=s1, chunk_size=8)
+    assert none is None and torch.equal(h2_alone, h2)
     # and one step from the carried state equals the next position of the sequence
     hs, _ = mlstm_step(*(t[..., cut, :] if t.dim() == 4 else t[..., cut] for t in (q, k, v, i, f)),
                        tuple(t.clone() for t in s1))  # (a step updates its state in place)
@@ -77,9 +80,10 @@ def test_mlstm_state_passing():
         assert rel_err(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("T", [5, 19])  # one chunk (no carried state, no final update) and three
 @pytest.mark.parametrize("form", ["parallel", "chunkwise"])
-def test_mlstm_gradients_match_recurrent(form):
-    inputs = [t.requires_grad_() for t in mlstm_inputs(T=19)]
+def test_mlstm_gradients_match_recurrent(form, T):
+    inputs = [t.requires_grad_() for t in mlstm_inputs(T=T)]
     grads = []
     for fn in (MLSTM_FORMS[form], mlstm_recurrent):
         h, _ = fn(*inputs, chunk_size=8)

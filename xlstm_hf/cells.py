@@ -144,9 +144,11 @@ def _chunk_weights(b, ic, m, above_diagonal):
 
 
 def _chunk_scores(qc, kc, n, w, carry, stab, eps):
-    """The chunk's scores S (L, L), denominators and normalisers (L,)."""
+    """The chunk's scores S (L, L), denominators and normalisers (L,). n None: nothing carried in."""
     scores = (qc @ kc.transpose(-1, -2)) * w
-    denominator = scores.sum(-1) + carry * (qc @ n[..., None]).squeeze(-1)
+    denominator = scores.sum(-1)
+    if n is not None:
+        denominator = denominator + carry * (qc @ n[..., None]).squeeze(-1)
     normaliser = torch.maximum(denominator.abs(), torch.exp(-stab)) + eps
     return scores, denominator, normaliser
 
@@ -160,11 +162,14 @@ def _chunk_end(b, ic, m):
 
 
 def _chunk_advance(kc, vc, ic, b, C, n, m, in_place=False):
-    """The state (C, n, m) at the end of the chunk, from the state carried into it. `in_place`: C is the
-    loop's own buffer, with no autograd and nothing else holding it, and is updated where it lies (one
-    read and write of the DK x DV state per chunk instead of three passes: ~40% of the update's time)."""
+    """The state (C, n, m) at the end of the chunk, from the state carried into it (C, n None: the zero
+    state, with m = -inf). `in_place`: C is the loop's own buffer, with no autograd and nothing else
+    holding it, and is updated where it lies (one read and write of the DK x DV state per chunk instead
+    of three passes: ~40% of the update's time)."""
     u, decay, m_new = _chunk_end(b, ic, m)
     kw = kc * u[..., None]
+    if C is None:
+        return kw.transpose(-1, -2) @ vc, kw.sum(-2), m_new
     if in_place:
         C.mul_(decay[..., None, None]).view(-1, *C.shape[-2:]).baddbmm_(
             kw.reshape(-1, *kw.shape[-2:]).transpose(-1, -2), vc.reshape(-1, *vc.shape[-2:]))
@@ -173,13 +178,18 @@ def _chunk_advance(kc, vc, ic, b, C, n, m, in_place=False):
     return C, decay[..., None] * n + kw.sum(-2), m_new
 
 
-def _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal, in_place=False):
-    """One chunk: its outputs h (B, NH, L, DV) and the state (C, n, m) at its end."""
+def _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal, in_place=False, advance=True):
+    """One chunk: its outputs h (B, NH, L, DV) and the state (C, n, m) at its end. C, n None: the zero
+    state carried in (m = -inf: no carried terms to compute); `advance` False: the end state is not
+    needed (None, None, None)."""
     b = log_fc.cumsum(-1)  # (B, NH, L)
     w, carry, stab = _chunk_weights(b, ic, m, above_diagonal)
     scores, _, normaliser = _chunk_scores(qc, kc, n, w, carry, stab, eps)
-    h = (scores @ vc + carry[..., None] * (qc @ C)) / normaliser[..., None]
-    return h, _chunk_advance(kc, vc, ic, b, C, n, m, in_place)
+    num = scores @ vc
+    if C is not None:
+        num = num + carry[..., None] * (qc @ C)
+    h = num / normaliser[..., None]
+    return h, (_chunk_advance(kc, vc, ic, b, C, n, m, in_place) if advance else (None, None, None))
 
 
 def _above_diagonal(chunk_size, T, device):
@@ -187,21 +197,32 @@ def _above_diagonal(chunk_size, T, device):
     return torch.ones(L_max, L_max, dtype=torch.bool, device=device).triu(1)  # built once, not per chunk
 
 
-def _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states=None, state_every=1):
+def _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states=None, state_every=1,
+                          zero_start=False, final_state=True):
     """The chunk loop on prepared inputs (`_mlstm_prepare`): (h, final state). `states`, a list, receives
-    the state carried into every `state_every`-th chunk (chunks 0, state_every, ...)."""
+    the state carried into every `state_every`-th chunk (chunks 0, state_every, ...). Where no states are
+    kept: `zero_start` says (C, n, m) is the zero state, so the first chunk skips the carried terms, and
+    without `final_state` the last chunk skips its state update (returning None for the state): the
+    same values, with one (L, DK) x (DK, DV) product fewer per sequence at each end (a sequence of one
+    chunk is the parallel form alone)."""
     above_diagonal = _above_diagonal(chunk_size, q.shape[-2], q.device)
+    if states is not None:
+        zero_start, final_state = False, True  # (the saved states are every chunk's real (C, n, m))
+    elif zero_start:
+        C = n = None
     # without autograd and with no state kept, C is updated in place, in a copy of the caller's
     in_place = states is None and not torch.is_grad_enabled()
-    if in_place:
+    if in_place and C is not None:
         C = C.clone(memory_format=torch.contiguous_format)
     outputs = []
+    chunks = -(-q.shape[-2] // chunk_size)
     for c, (qc, kc, vc, ic, log_fc) in enumerate(_mlstm_chunks(chunk_size, q, k, v, i, log_f)):
         if states is not None and c % state_every == 0:
             states.append((C, n, m))
-        h, (C, n, m) = _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal, in_place)
+        h, (C, n, m) = _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal, in_place,
+                                    advance=final_state or c < chunks - 1)
         outputs.append(h)
-    return torch.cat(outputs, dim=-2), (C, n, m)
+    return torch.cat(outputs, dim=-2), ((C, n, m) if final_state else None)
 
 
 @float32_compute
@@ -221,8 +242,9 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
         every = 1 if needs_grad else 1 << 30  # (inference keeps only the first state)
         h, *state = torch.ops.xlstm_hf.mlstm_chunkwise_forward(*prepared, eps, chunk_size, every)[:4]
         return h.to(out_dtype), (tuple(state) if output_final_state else None)
-    h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size)
-    return h.to(out_dtype), (state if output_final_state else None)
+    h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size, zero_start=initial_state is None,
+                                     final_state=output_final_state)
+    return h.to(out_dtype), state
 
 
 def _mlstm_chunk_backward(qc, kc, vc, ic, log_fc, hc, dhc, C, n, m, dC, dn, eps, above_diagonal):
@@ -349,7 +371,8 @@ def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_st
         every = state_every or math.ceil(math.sqrt(-(-q.shape[-2] // chunk_size)))
         h, *state = MLSTMChunkwiseFunction.apply(*prepared, eps, chunk_size, every)
     else:  # nothing to differentiate: no states to keep
-        h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size)
+        h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size, zero_start=initial_state is None,
+                                         final_state=output_final_state)
     return h.to(out_dtype), (tuple(state) if output_final_state else None)
 
 
