@@ -532,7 +532,7 @@ def test_headwise_linear_equals_per_block_products(features, blocks):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("T, with_window", [(9, False), (9, True), (2, True), (1, True)])
+@pytest.mark.parametrize("T, with_window", [(9, False), (2, False), (9, True), (2, True), (1, True)])
 def test_causal_conv_equals_depthwise_conv1d(T, with_window):
     """CausalConv1d's shifted multiply-adds equal a depthwise F.conv1d over [window, x] (float64, values,
     carried window and gradients)."""

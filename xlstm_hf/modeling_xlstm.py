@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -266,6 +267,15 @@ class CausalConv1d(nn.Module):
             y = torch.ops.xlstm_hf.causal_conv(x, None if given is None else window, self.weight, self.bias)
             tail = x[:, max(x.shape[1] - (K - 1), 0):]  # the last min(T, K-1) inputs
             return y, torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
+        if given is None and x.shape[1] > 1 and torch.is_grad_enabled():
+            # training from the zero window: K shifted multiply-adds of x itself, in place on the output,
+            # so that autograd keeps views of x rather than a copy [0, x] (one (B, T, F) less per block)
+            T, w = x.shape[1], self.weight[:, 0, :]
+            y = torch.addcmul(self.bias.to(torch.promote_types(x.dtype, torch.float32)), x, w[:, K - 1])
+            for s in range(1, min(K, T)):
+                y[:, s:].addcmul_(x[:, :T - s], w[:, K - 1 - s])
+            tail = x[:, max(T - (K - 1), 0):]
+            return y.to(x.dtype), torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
         xw = torch.cat([window, x], dim=1)  # (B, K-1+T, F)
         if x.shape[1] == 1:  # decode: one dot product per feature, no conv launch
             y = torch.einsum("bkf,fk->bf", xw, self.weight[:, 0, :])[:, None] + self.bias
@@ -423,9 +433,20 @@ class mLSTMLayer(nn.Module):
         q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
         i, f = self.gate_preactivations(q, k, v)
         h, cell_state = run_mlstm_cell(self.config, q, k, v, i, f, state, mask, output_state)
-        h = self.out_norm(h) + self.learnable_skip * x_conv
-        y = self.dropout(self.down_proj(h * F.silu(z)))
+        if torch.is_grad_enabled():
+            # recomputed in the backward from h, x_conv and z, which autograd keeps anyway: its three
+            # (B, T, I) intermediates are not kept (~18 kB per token and block in float32), for a few
+            # elementwise passes (~1% of a training step)
+            gated = checkpoint(self.gated_output, h, x_conv, z, use_reentrant=False)
+        else:
+            gated = self.gated_output(h, x_conv, z)
+        y = self.dropout(self.down_proj(gated))
         return y, ({"conv": window, **cell_state} if output_state else None)
+
+    def gated_output(self, h: torch.Tensor, x_conv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The cell's output h (B, T, NH, DV) normed per head, plus the learnable skip of the conv branch
+        x_conv, gated by SiLU of the output branch z: (B, T, I)."""
+        return (self.out_norm(h) + self.learnable_skip * x_conv) * F.silu(z)
 
 
 class sLSTMLayer(nn.Module):
