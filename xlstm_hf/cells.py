@@ -248,11 +248,9 @@ def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False,
 
 
 def _state_dot(a, b):
-    """sum(a * b) over the last two dimensions (B, NH, DK, DV) -> (B, NH), one BLAS dot product per
-    state: no state-sized temporary, and on CPU ~20x faster than the same as a batched (1, DK DV) x
-    (DK DV, 1) matrix product."""
-    flat_a, flat_b = a.reshape(-1, a.shape[-2] * a.shape[-1]), b.reshape(-1, b.shape[-2] * b.shape[-1])
-    return torch.stack([torch.dot(x, y) for x, y in zip(flat_a, flat_b)]).reshape(a.shape[:-2])
+    """sum(a * b) over the last two dimensions (B, NH, DK, DV) -> (B, NH). (As a batched (1, DK DV) x
+    (DK DV, 1) matrix product, which einsum also makes of it, this was ~20x slower on CPU.)"""
+    return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))
 
 
 def _mlstm_chunk_backward(qc, kc, vc, ic, log_fc, hc, dhc, C, n, m, dC, dn, eps, above_diagonal):
