@@ -2,7 +2,9 @@
 
 `config.kernel_backend`, overridden by the environment variable `XLSTM_KERNEL_BACKEND` (which says so once), is one of
 - "torch": the PyTorch reference in `cells.py`, on any device; its sLSTM with the backward over time
-  written out (`slstm_autograd.slstm_recurrent_bptt`: the reference's gradients, ~1.8x faster);
+  written out (`slstm_autograd.slstm_recurrent_bptt`: the reference's gradients, ~1.8x faster), its
+  chunkwise mLSTM trained through the backward that recomputes chunks from a few kept states
+  (`mlstm_chunkwise_training`: the same gradients, a fraction of the memory);
 - "triton": the fused kernels in `xlstm_hf.kernels`, for CUDA tensors (or for CPU tensors under Triton's
   interpreter, `TRITON_INTERPRET=1`, which is how they are tested without a GPU);
 - "auto" (default): "triton" for CUDA tensors when Triton is importable (else "torch", with a warning once),
