@@ -411,73 +411,127 @@ def _launch_config(chunk: int) -> dict:
     return {"num_warps": 4 if chunk <= 32 else 8}
 
 
-class _MLSTMChunkwiseFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, i, f, C0, n0, m0, eps, chunk):
-        B, NH, T, DK = q.shape
-        DV = v.shape[-1]
-        NC = triton.cdiv(T, chunk)
-        q, k, v, i, f = (x.contiguous() for x in (q, k, v, i, f))
-        dev, fp32 = q.device, torch.float32
-        C_states = torch.empty(B, NH, NC + 1, DK, DV, device=dev, dtype=fp32)
-        n_states = torch.empty(B, NH, NC + 1, DK, device=dev, dtype=fp32)
-        m_states = torch.empty(B, NH, NC + 1, device=dev, dtype=fp32)
-        C_states[:, :, 0], n_states[:, :, 0], m_states[:, :, 0] = C0, n0, m0
-        h = torch.empty(B, NH, T, DV, device=dev, dtype=fp32)
-        den = torch.empty(B, NH, T, device=dev, dtype=fp32)
-        stab = torch.empty(B, NH, T, device=dev, dtype=fp32)
-        bk, bv = _block(DK), _block(DV)
-        scale = 1.0 / math.sqrt(DK)
-        sizes = dict(DK=DK, DV=DV, L=chunk, BLOCK_K=bk, BLOCK_V=bv, **_launch_config(chunk))
-        _chunk_states_kernel[(B * NH, triton.cdiv(DK, bk), triton.cdiv(DV, bv))](
-            k, v, i, f, C_states, n_states, m_states, scale, T, NC, **sizes)
-        _chunk_outputs_kernel[(B * NH, NC, triton.cdiv(DV, bv))](
-            q, k, v, i, f, C_states, n_states, m_states, h, den, stab, scale, eps, T, NC, **sizes)
-        ctx.save_for_backward(q, k, v, i, f, C_states, n_states, m_states, h, den, stab)
-        ctx.eps, ctx.chunk = eps, chunk
-        C_final, n_final, m_final = C_states[:, :, NC].clone(), n_states[:, :, NC].clone(), m_states[:, :, NC].clone()
-        ctx.mark_non_differentiable(m_final)  # m is a stabiliser: a constant for autograd
-        return h.to(v.dtype), C_final, n_final, m_final
+# The kernels run inside two registered operators (`torch.library.custom_op`), the forward and the backward,
+# with the backward registered as the forward's autograd formula and fake (meta) implementations of both:
+# torch.compile and torch.export then trace the model through them without graph breaks, and
+# `torch.library.opcheck` tests their registrations.
+#
+#     mlstm_chunkwise_triton_forward(q, k, v, i, f, C0, n0, m0, eps, chunk)
+#         -> h (fp32), C', n', m' (final state), and for the backward C_states, n_states, m_states
+#            (B, NH, NC + 1, ...: the state at every chunk boundary), den, stab (B, NH, T)
+#     mlstm_chunkwise_triton_backward(saved..., d_h, d_C', d_n', eps, chunk) -> dq, dk, dv, di, df, dC0, dn0, dm0
 
-    @staticmethod
-    def backward(ctx, d_h, d_C_final, d_n_final, _d_m_final):
-        q, k, v, i, f, C_states, n_states, m_states, h, den, stab = ctx.saved_tensors
-        B, NH, T, DK = q.shape
-        DV = v.shape[-1]
-        NC = C_states.shape[2] - 1
-        fp32 = torch.float32
-        # h = num / N with N = max(|den|, exp(-stab)) + eps and stab a constant, so
-        # dnum = dh / N and dden = -(dh . h) / N * sign(den) * [|den| > exp(-stab)]
-        floor = torch.exp(-stab)
-        normaliser = torch.maximum(den.abs(), floor) + ctx.eps
-        d_h = torch.zeros_like(h) if d_h is None else d_h.to(fp32)
-        d_num = (d_h / normaliser[..., None]).contiguous()
-        d_den = (-(d_h * h).sum(-1) / normaliser * torch.sign(den) * (den.abs() > floor)).contiguous()
 
-        dC_states = torch.empty_like(C_states)
-        dn_states = torch.empty_like(n_states)
-        # the gradient of the final m is dropped: m only stabilises (see xlstm_hf.cells)
-        dC_states[:, :, NC] = 0.0 if d_C_final is None else d_C_final
-        dn_states[:, :, NC] = 0.0 if d_n_final is None else d_n_final
-        bk, bv = _block(DK), _block(DV)
-        scale = 1.0 / math.sqrt(DK)
-        sizes = dict(DK=DK, DV=DV, L=ctx.chunk, BLOCK_K=bk, BLOCK_V=bv, **_launch_config(ctx.chunk))
-        _chunk_state_grads_kernel[(B * NH, triton.cdiv(DK, bk), triton.cdiv(DV, bv))](
-            q, i, f, m_states, stab, d_num, d_den, dC_states, dn_states, T, NC, **sizes)
-        dq = torch.empty(q.shape, device=q.device, dtype=fp32)
-        dk = torch.empty(k.shape, device=q.device, dtype=fp32)
-        dv = torch.empty(v.shape, device=q.device, dtype=fp32)
-        di = torch.empty(i.shape, device=q.device, dtype=fp32)
-        df = torch.empty(f.shape, device=q.device, dtype=fp32)
-        _chunk_grads_kernel[(B * NH, NC)](
-            q, k, v, i, f, C_states, n_states, m_states, d_num, d_den, dC_states, dn_states,
-            dq, dk, dv, di, df, scale, T, NC, **sizes)
+@torch.library.custom_op("xlstm_hf::mlstm_chunkwise_triton_forward", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+             C0: torch.Tensor, n0: torch.Tensor, m0: torch.Tensor, eps: float, chunk: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                        torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, NH, T, DK = q.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(T, chunk)
+    q, k, v, i, f = (x.contiguous() for x in (q, k, v, i, f))
+    dev, fp32 = q.device, torch.float32
+    C_states = torch.empty(B, NH, NC + 1, DK, DV, device=dev, dtype=fp32)
+    n_states = torch.empty(B, NH, NC + 1, DK, device=dev, dtype=fp32)
+    m_states = torch.empty(B, NH, NC + 1, device=dev, dtype=fp32)
+    C_states[:, :, 0], n_states[:, :, 0], m_states[:, :, 0] = C0, n0, m0
+    h = torch.empty(B, NH, T, DV, device=dev, dtype=fp32)
+    den = torch.empty(B, NH, T, device=dev, dtype=fp32)
+    stab = torch.empty(B, NH, T, device=dev, dtype=fp32)
+    bk, bv = _block(DK), _block(DV)
+    scale = 1.0 / math.sqrt(DK)
+    sizes = dict(DK=DK, DV=DV, L=chunk, BLOCK_K=bk, BLOCK_V=bv, **_launch_config(chunk))
+    _chunk_states_kernel[(B * NH, triton.cdiv(DK, bk), triton.cdiv(DV, bv))](
+        k, v, i, f, C_states, n_states, m_states, scale, T, NC, **sizes)
+    _chunk_outputs_kernel[(B * NH, NC, triton.cdiv(DV, bv))](
+        q, k, v, i, f, C_states, n_states, m_states, h, den, stab, scale, eps, T, NC, **sizes)
+    final = (C_states[:, :, NC].clone(), n_states[:, :, NC].clone(), m_states[:, :, NC].clone())
+    return h, *final, C_states, n_states, m_states, den, stab
 
-        # the initial state: C_0 and n_0 enter as exp(m_0) C_0, exp(m_0) n_0 (through carry and decay)
-        dC0, dn0 = dC_states[:, :, 0], dn_states[:, :, 0]
-        dm0 = (dC0 * C_states[:, :, 0]).sum((-2, -1)) + (dn0 * n_states[:, :, 0]).sum(-1)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), di.to(i.dtype), df.to(f.dtype),
-                dC0, dn0, dm0, None, None)
+
+@_forward.register_fake
+def _(q, k, v, i, f, C0, n0, m0, eps, chunk):
+    B, NH, T, DK = q.shape
+    DV, NC, fp32 = v.shape[-1], -(-T // chunk), torch.float32
+    new = lambda *shape: q.new_empty(shape, dtype=fp32)  # noqa: E731
+    return (new(B, NH, T, DV), new(B, NH, DK, DV), new(B, NH, DK), new(B, NH), new(B, NH, NC + 1, DK, DV),
+            new(B, NH, NC + 1, DK), new(B, NH, NC + 1), new(B, NH, T), new(B, NH, T))
+
+
+@torch.library.custom_op("xlstm_hf::mlstm_chunkwise_triton_backward", mutates_args=())
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+              C_states: torch.Tensor, n_states: torch.Tensor, m_states: torch.Tensor, h: torch.Tensor,
+              den: torch.Tensor, stab: torch.Tensor, d_h: torch.Tensor, d_C_final: torch.Tensor,
+              d_n_final: torch.Tensor, eps: float, chunk: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor, torch.Tensor]:
+    B, NH, T, DK = q.shape
+    DV = v.shape[-1]
+    NC = C_states.shape[2] - 1
+    fp32 = torch.float32
+    q, k, v, i, f = (x.contiguous() for x in (q, k, v, i, f))
+    # h = num / N with N = max(|den|, exp(-stab)) + eps and stab a constant, so
+    # dnum = dh / N and dden = -(dh . h) / N * sign(den) * [|den| > exp(-stab)]
+    floor = torch.exp(-stab)
+    normaliser = torch.maximum(den.abs(), floor) + eps
+    d_h = d_h.to(fp32)
+    d_num = (d_h / normaliser[..., None]).contiguous()
+    d_den = (-(d_h * h).sum(-1) / normaliser * torch.sign(den) * (den.abs() > floor)).contiguous()
+
+    dC_states = torch.empty_like(C_states)
+    dn_states = torch.empty_like(n_states)
+    # the gradient of the final m is dropped: m only stabilises (see xlstm_hf.cells)
+    dC_states[:, :, NC] = d_C_final
+    dn_states[:, :, NC] = d_n_final
+    bk, bv = _block(DK), _block(DV)
+    scale = 1.0 / math.sqrt(DK)
+    sizes = dict(DK=DK, DV=DV, L=chunk, BLOCK_K=bk, BLOCK_V=bv, **_launch_config(chunk))
+    _chunk_state_grads_kernel[(B * NH, triton.cdiv(DK, bk), triton.cdiv(DV, bv))](
+        q, i, f, m_states, stab, d_num, d_den, dC_states, dn_states, T, NC, **sizes)
+    dq = torch.empty(q.shape, device=q.device, dtype=fp32)
+    dk = torch.empty(k.shape, device=q.device, dtype=fp32)
+    dv = torch.empty(v.shape, device=q.device, dtype=fp32)
+    di = torch.empty(i.shape, device=q.device, dtype=fp32)
+    df = torch.empty(f.shape, device=q.device, dtype=fp32)
+    _chunk_grads_kernel[(B * NH, NC)](
+        q, k, v, i, f, C_states, n_states, m_states, d_num, d_den, dC_states, dn_states,
+        dq, dk, dv, di, df, scale, T, NC, **sizes)
+
+    # the initial state: C_0 and n_0 enter as exp(m_0) C_0, exp(m_0) n_0 (through carry and decay)
+    dC0, dn0 = dC_states[:, :, 0].clone(), dn_states[:, :, 0].clone()
+    dm0 = (dC0 * C_states[:, :, 0]).sum((-2, -1)) + (dn0 * n_states[:, :, 0]).sum(-1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), di.to(i.dtype), df.to(f.dtype), dC0, dn0, dm0
+
+
+@_backward.register_fake
+def _(q, k, v, i, f, C_states, n_states, m_states, h, den, stab, d_h, d_C_final, d_n_final, eps, chunk):
+    fp32 = torch.float32
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i), torch.empty_like(f),
+            C_states.new_empty(C_states[:, :, 0].shape, dtype=fp32), n_states.new_empty(n_states[:, :, 0].shape, dtype=fp32),
+            m_states.new_empty(m_states[:, :, 0].shape, dtype=fp32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, i, f, *_, eps, chunk = inputs
+    h, _C, _n, m_final, C_states, n_states, m_states, den, stab = output
+    ctx.save_for_backward(q, k, v, i, f, C_states, n_states, m_states, h, den, stab)
+    ctx.eps, ctx.chunk = eps, chunk
+    # m is a stabiliser (a constant for autograd); the boundary states and den, stab are for the backward
+    ctx.mark_non_differentiable(m_final, C_states, n_states, m_states, den, stab)
+
+
+def _autograd(ctx, d_h, d_C_final, d_n_final, *_):
+    q, k, v, i, f, C_states, n_states, m_states, h, den, stab = ctx.saved_tensors
+    d_h = torch.zeros_like(h) if d_h is None else d_h
+    d_C_final = torch.zeros_like(C_states[:, :, -1]) if d_C_final is None else d_C_final
+    d_n_final = torch.zeros_like(n_states[:, :, -1]) if d_n_final is None else d_n_final
+    grads = torch.ops.xlstm_hf.mlstm_chunkwise_triton_backward(
+        q, k, v, i, f, C_states, n_states, m_states, h, den, stab, d_h, d_C_final, d_n_final, ctx.eps, ctx.chunk)
+    return (*grads, None, None)
+
+
+_forward.register_autograd(_autograd, setup_context=_setup_context)
 
 
 def _check(q, k, v, i, f, chunk_size):
@@ -519,5 +573,5 @@ def mlstm_chunkwise_triton(q, k, v, i, f, initial_state=None, output_final_state
         if C0.shape != (B, NH, DK, DV) or n0.shape != (B, NH, DK) or m0.shape != (B, NH):
             raise ValueError(f"initial_state must be C {(B, NH, DK, DV)}, n {(B, NH, DK)}, m {(B, NH)}; got "
                              f"{tuple(C0.shape)}, {tuple(n0.shape)}, {tuple(m0.shape)}")
-    h, C, n, m = _MLSTMChunkwiseFunction.apply(q, k, v, i, f, C0, n0, m0, eps, chunk)
-    return h, ((C, n, m) if output_final_state else None)
+    h, C, n, m = torch.ops.xlstm_hf.mlstm_chunkwise_triton_forward(q, k, v, i, f, C0, n0, m0, eps, chunk)[:4]
+    return h.to(v.dtype), ((C, n, m) if output_final_state else None)

@@ -187,3 +187,43 @@ def test_rejects_unsupported_arguments(bad):
         kwargs["initial_state"] = (state[0][..., :8].float(), state[1].float(), state[2].float())
     with pytest.raises(ValueError):
         mlstm_chunkwise_triton(*xs, **kwargs)
+
+
+def test_operators_pass_opcheck():
+    """The kernels run inside registered operators (forward and backward, the backward registered as the
+    forward's autograd): opcheck tests their schemas, fake (meta) implementations and autograd
+    registration against the real kernels, with and without a carried state."""
+    inputs, state, _ = make_inputs(1, 2, 21, 16, 16, seed=6)
+    xs = [x.float().to(DEVICE).requires_grad_() for x in inputs]
+    s0 = [s.float().to(DEVICE) for s in state]
+    forward = torch.ops.xlstm_hf.mlstm_chunkwise_triton_forward.default
+    torch.library.opcheck(forward, (*xs, *s0, 1e-6, 16))
+    m0 = torch.full_like(s0[2], float("-inf"))  # the empty state
+    torch.library.opcheck(forward, (*xs, torch.zeros_like(s0[0]), torch.zeros_like(s0[1]), m0, 1e-6, 16))
+    with torch.no_grad():
+        h, C, n, _, *saved = forward(*xs, *s0, 1e-6, 16)
+    backward = torch.ops.xlstm_hf.mlstm_chunkwise_triton_backward.default
+    torch.library.opcheck(backward, (*[x.detach() for x in xs], *saved[:3], h, *saved[3:], torch.randn_like(h),
+                                     torch.randn_like(C), torch.randn_like(n), 1e-6, 16))
+
+
+def test_compiled_without_graph_breaks_equals_eager():
+    """torch.compile(fullgraph=True) traces a loss through the kernel's operators (a graph break would
+    raise), and the compiled outputs and gradients are the eager ones (the same kernels run)."""
+    inputs, state, weights = make_inputs(1, 2, 37, 16, 16, seed=7)
+    w_h = weights[0].float().to(DEVICE)
+
+    def loss(q, k, v, i, f, C0, n0, m0):
+        h, (C, n, _) = mlstm_chunkwise_triton(q, k, v, i, f, initial_state=(C0, n0, m0), output_final_state=True,
+                                              chunk_size=16)
+        return (h * w_h).sum() + C.square().sum() + n.sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        xs = [x.float().to(DEVICE).requires_grad_() for x in (*inputs, *state)]
+        value = fn(*xs)
+        results.append((value, torch.autograd.grad(value, xs)))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert rel_err(compiled, eager) < 1e-6
+    for got, want in zip(compiled_grads, eager_grads):
+        assert rel_err(got, want) < 1e-6
