@@ -55,6 +55,34 @@ def _mlstm_step_kernel(
     tl.store(H + bh * DV + cols, numerator / normaliser, mask=col_ok)
 
 
+@torch.library.custom_op("xlstm_hf::mlstm_step_triton", mutates_args=("C",))
+def _step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor, C: torch.Tensor,
+          n: torch.Tensor, m: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel as a registered operator (so that a compiled decode step calls it without a graph break):
+    C (float32, contiguous) updated in place; returns h, n', m' (float32)."""
+    B, NH, DK = q.shape
+    DV = v.shape[-1]
+    n_out = torch.empty(B, NH, DK, device=q.device, dtype=torch.float32)
+    m_out = torch.empty(B, NH, device=q.device, dtype=torch.float32)
+    h = torch.empty(B, NH, DV, device=q.device, dtype=torch.float32)
+    block_v = min(64, triton.next_power_of_2(DV))
+    block_k = min(64, triton.next_power_of_2(DK))
+    grid = (B * NH, triton.cdiv(DV, block_v))
+    # programs own disjoint columns of C: updating it where it lies is race-free
+    _mlstm_step_kernel[grid](
+        q.contiguous(), k.contiguous(), v.contiguous(), i.contiguous(), f.contiguous(),
+        C, n.float().contiguous(), m.float().contiguous(), C, n_out, m_out, h,
+        1.0 / math.sqrt(DK), eps, DK, DV, BLOCK_K=block_k, BLOCK_V=block_v,
+    )
+    return h, n_out, m_out
+
+
+@_step.register_fake
+def _(q, k, v, i, f, C, n, m, eps):
+    fp32 = torch.float32
+    return v.new_empty(v.shape, dtype=fp32), q.new_empty(q.shape, dtype=fp32), q.new_empty(q.shape[:2], dtype=fp32)
+
+
 def mlstm_step_triton(q, k, v, i, f, state, eps=1e-6):
     """One mLSTM step. q, k: (B, NH, DK); v: (B, NH, DV); i, f: (B, NH); state (C, n, m) float32.
 
@@ -66,20 +94,7 @@ def mlstm_step_triton(q, k, v, i, f, state, eps=1e-6):
         from xlstm_hf.cells import mlstm_step
 
         return mlstm_step(q, k, v, i, f, state, eps=eps)
-    B, NH, DK = q.shape
-    DV = v.shape[-1]
-    in_place = C.dtype == torch.float32 and C.is_contiguous()
-    C_in = C if in_place else C.float().contiguous()
-    C_out = C_in  # programs own disjoint columns of C: updating it where it lies is race-free
-    n_out = torch.empty(B, NH, DK, device=q.device, dtype=torch.float32)
-    m_out = torch.empty(B, NH, device=q.device, dtype=torch.float32)
-    h = torch.empty(B, NH, DV, device=q.device, dtype=torch.float32)
-    block_v = min(64, triton.next_power_of_2(DV))
-    block_k = min(64, triton.next_power_of_2(DK))
-    grid = (B * NH, triton.cdiv(DV, block_v))
-    _mlstm_step_kernel[grid](
-        q.contiguous(), k.contiguous(), v.contiguous(), i.contiguous(), f.contiguous(),
-        C_in, n.float().contiguous(), m.float().contiguous(), C_out, n_out, m_out, h,
-        1.0 / math.sqrt(DK), eps, DK, DV, BLOCK_K=block_k, BLOCK_V=block_v,
-    )
-    return h, (C_out, n_out, m_out)
+    if not (C.dtype == torch.float32 and C.is_contiguous()):
+        C = C.float().contiguous()  # (a copy: the caller's C is then left as it was)
+    h, n_out, m_out = torch.ops.xlstm_hf.mlstm_step_triton(q, k, v, i, f, C, n, m, eps)
+    return h, (C, n_out, m_out)

@@ -128,6 +128,26 @@ def test_mlstm_step_kernel_matches_reference(B, NH, DK, DV):
                 assert rel_err(got, ref) < TOL
 
 
+def test_mlstm_step_operator_passes_opcheck_and_compiles():
+    """The decode kernel is the registered operator xlstm_hf::mlstm_step_triton (C mutated in place, a
+    fake implementation): opcheck tests the registration, and a compiled step (fullgraph: no graph break)
+    computes what the eager one does."""
+    from xlstm_hf.kernels.mlstm_step import mlstm_step_triton
+
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    v = torch.randn(2, 2, 12, generator=g).to(DEVICE)
+    i, f = (torch.randn(2, 2, generator=g).to(DEVICE) for _ in range(2))
+    C, n, m = torch.randn(2, 2, 16, 12, generator=g).to(DEVICE), torch.rand(2, 2, 16).to(DEVICE), torch.randn(2, 2).to(DEVICE)
+    torch.library.opcheck(torch.ops.xlstm_hf.mlstm_step_triton.default, (q, k, v, i, f, C.clone(), n, m, 1e-6))
+    step = lambda *a: mlstm_step_triton(*a[:5], a[5:])  # noqa: E731
+    with torch.no_grad():
+        h, (C1, n1, m1) = step(q, k, v, i, f, C.clone(), n, m)
+        h_c, (C1_c, n1_c, m1_c) = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, i, f, C.clone(), n, m)
+    for got, want in ((h_c, h), (C1_c, C1), (n1_c, n1), (m1_c, m1)):
+        assert torch.equal(got, want)
+
+
 def test_mlstm_step_kernel_defers_to_reference_under_autograd():
     from xlstm_hf.kernels.mlstm_step import mlstm_step_triton
 
