@@ -243,43 +243,91 @@ def _blocks(B: int, DH: int) -> tuple[int, int]:
     return block_b, block_d
 
 
-class _SLSTMFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, recurrent_kernel, bias, h0, c0, n0, m0, mask):
-        B, T, NH, _, DH = x.shape
-        x, recurrent_kernel, bias = x.contiguous(), recurrent_kernel.contiguous(), bias.contiguous()
-        states = torch.empty(4, B, T + 1, NH, DH, device=x.device, dtype=torch.float32)
-        states[:, :, 0] = torch.stack([h0, c0, n0, m0])
-        mask_u8 = mask.to(torch.uint8).contiguous() if mask is not None else None
-        block_b, block_d = _blocks(B, DH)
-        grid = (NH, triton.cdiv(B, block_b))
-        _slstm_fwd_kernel[grid](x, recurrent_kernel, bias, mask_u8, states, B, T, NH, DH,
-                                HAS_MASK=mask is not None, BLOCK_B=block_b, BLOCK_D=block_d)
-        ctx.save_for_backward(x, recurrent_kernel, bias, states, mask_u8)
-        ctx.has_mask = mask is not None
-        final = states[:, :, T]
-        return states[0, :, 1:].to(x.dtype), final[0], final[1], final[2], final[3]
+# The kernels run inside two registered operators (`torch.library.custom_op`) with fake implementations, the
+# backward registered as the forward's autograd formula: torch.compile traces through them without graph
+# breaks, and `torch.library.opcheck` tests the registrations.
+#
+#     slstm_triton_forward(x, R, bias, h0, c0, n0, m0, mask) -> out (fp32), h_T, c_T, n_T, m_T, and for the
+#         backward the states (4, B, T + 1, NH, DH): h, c, n, m before and after every step
+#     slstm_triton_backward(x, R, bias, states, mask, d_out, d_h, d_c, d_n) -> dx, dR, db, dh0, dc0, dn0, dm0
 
-    @staticmethod
-    def backward(ctx, d_out, d_h, d_c, d_n, d_m):
-        x, recurrent_kernel, bias, states, mask_u8 = ctx.saved_tensors
-        B, T, NH, _, DH = x.shape
-        block_b, block_d = _blocks(B, DH)
-        tiles = triton.cdiv(B, block_b)
-        zeros = torch.zeros(B, NH, DH, device=x.device, dtype=torch.float32)
-        # the gradient of the final m is not needed: m only stabilises (see the module docstring)
-        d_final = torch.stack([g.float() if g is not None else zeros for g in (d_h, d_c, d_n)]).contiguous()
-        d_out = (d_out if d_out is not None else torch.zeros(B, T, NH, DH, device=x.device)).float().contiguous()
-        dx = torch.empty_like(x)
-        dr_part = torch.zeros(tiles, NH, DH, 4, DH, device=x.device, dtype=torch.float32)
-        db_part = torch.zeros(tiles, NH, 4, DH, device=x.device, dtype=torch.float32)
-        ds0 = torch.empty(4, B, NH, DH, device=x.device, dtype=torch.float32)
-        _slstm_bwd_kernel[(NH, tiles)](x, recurrent_kernel, bias, states, mask_u8, d_out, d_final,
-                                       dx, dr_part, db_part, ds0, B, T, NH, DH,
-                                       HAS_MASK=ctx.has_mask, BLOCK_B=block_b, BLOCK_D=block_d)
-        dr = dr_part.sum(0).to(recurrent_kernel.dtype)
-        db = db_part.sum(0).to(bias.dtype)
-        return dx, dr, db, ds0[0], ds0[1], ds0[2], ds0[3], None
+
+@torch.library.custom_op("xlstm_hf::slstm_triton_forward", mutates_args=())
+def _forward(x: torch.Tensor, recurrent_kernel: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor,
+             c0: torch.Tensor, n0: torch.Tensor, m0: torch.Tensor, mask: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, NH, _, DH = x.shape
+    x, recurrent_kernel, bias = x.contiguous(), recurrent_kernel.contiguous(), bias.contiguous()
+    states = torch.empty(4, B, T + 1, NH, DH, device=x.device, dtype=torch.float32)
+    states[:, :, 0] = torch.stack([h0, c0, n0, m0])
+    mask_u8 = mask.to(torch.uint8).contiguous() if mask is not None else None
+    block_b, block_d = _blocks(B, DH)
+    grid = (NH, triton.cdiv(B, block_b))
+    _slstm_fwd_kernel[grid](x, recurrent_kernel, bias, mask_u8, states, B, T, NH, DH,
+                            HAS_MASK=mask is not None, BLOCK_B=block_b, BLOCK_D=block_d)
+    final = states[:, :, T]
+    # (copies: an operator's outputs may not alias each other)
+    return states[0, :, 1:].clone(), final[0].clone(), final[1].clone(), final[2].clone(), final[3].clone(), states
+
+
+@_forward.register_fake
+def _(x, recurrent_kernel, bias, h0, c0, n0, m0, mask):
+    B, T, NH, _, DH = x.shape
+    new = lambda *shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return (new(B, T, NH, DH), new(B, NH, DH), new(B, NH, DH), new(B, NH, DH), new(B, NH, DH),
+            new(4, B, T + 1, NH, DH))
+
+
+@torch.library.custom_op("xlstm_hf::slstm_triton_backward", mutates_args=())
+def _backward(x: torch.Tensor, recurrent_kernel: torch.Tensor, bias: torch.Tensor, states: torch.Tensor,
+              mask: torch.Tensor | None, d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor,
+              d_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor]:
+    B, T, NH, _, DH = x.shape
+    x, recurrent_kernel, bias = x.contiguous(), recurrent_kernel.contiguous(), bias.contiguous()
+    mask_u8 = mask.to(torch.uint8).contiguous() if mask is not None else None
+    block_b, block_d = _blocks(B, DH)
+    tiles = triton.cdiv(B, block_b)
+    # the gradient of the final m is not needed: m only stabilises (see the module docstring)
+    d_final = torch.stack([d_h.float(), d_c.float(), d_n.float()]).contiguous()
+    d_out = d_out.float().contiguous()
+    dx = torch.empty_like(x)
+    dr_part = torch.zeros(tiles, NH, DH, 4, DH, device=x.device, dtype=torch.float32)
+    db_part = torch.zeros(tiles, NH, 4, DH, device=x.device, dtype=torch.float32)
+    ds0 = torch.empty(4, B, NH, DH, device=x.device, dtype=torch.float32)
+    _slstm_bwd_kernel[(NH, tiles)](x, recurrent_kernel, bias, states, mask_u8, d_out, d_final,
+                                   dx, dr_part, db_part, ds0, B, T, NH, DH,
+                                   HAS_MASK=mask is not None, BLOCK_B=block_b, BLOCK_D=block_d)
+    dr = dr_part.sum(0).to(recurrent_kernel.dtype)
+    db = db_part.sum(0).to(bias.dtype)
+    return dx, dr, db, ds0[0].clone(), ds0[1].clone(), ds0[2].clone(), ds0[3].clone()
+
+
+@_backward.register_fake
+def _(x, recurrent_kernel, bias, states, mask, d_out, d_h, d_c, d_n):
+    state = lambda: states.new_empty(states.shape[1:2] + states.shape[3:])  # noqa: E731 (B, NH, DH)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(recurrent_kernel, memory_format=torch.contiguous_format),
+            torch.empty_like(bias, memory_format=torch.contiguous_format), state(), state(), state(), state())
+
+
+def _setup_context(ctx, inputs, output):
+    x, recurrent_kernel, bias, *_, mask = inputs
+    ctx.save_for_backward(x, recurrent_kernel, bias, output[-1], mask)
+    ctx.mark_non_differentiable(output[4], output[5])  # m (a stabiliser) and the saved states
+
+
+def _autograd(ctx, d_out, d_h, d_c, d_n, *_):
+    x, recurrent_kernel, bias, states, mask = ctx.saved_tensors
+    zeros = lambda: states.new_zeros(states.shape[1:2] + states.shape[3:])  # noqa: E731
+    d_out = states.new_zeros(states[0, :, 1:].shape) if d_out is None else d_out
+    grads = torch.ops.xlstm_hf.slstm_triton_backward(
+        x, recurrent_kernel, bias, states, mask, d_out, zeros() if d_h is None else d_h,
+        zeros() if d_c is None else d_c, zeros() if d_n is None else d_n)
+    return (*grads, None)
+
+
+_forward.register_autograd(_autograd, setup_context=_setup_context)
 
 
 def slstm_recurrent_triton(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
@@ -297,5 +345,5 @@ def slstm_recurrent_triton(x, recurrent_kernel, bias, initial_state=None, output
     if initial_state is None:
         zeros = torch.zeros(B, NH, DH, device=x.device, dtype=torch.float32)
         initial_state = (zeros, zeros, zeros, torch.full_like(zeros, float("-inf")))
-    out, *final = _SLSTMFunction.apply(x, recurrent_kernel, bias, *initial_state, mask)
-    return out, (tuple(final) if output_final_state else None)
+    out, *final = torch.ops.xlstm_hf.slstm_triton_forward(x, recurrent_kernel, bias, *initial_state, mask)[:5]
+    return out.to(x.dtype), (tuple(final) if output_final_state else None)
