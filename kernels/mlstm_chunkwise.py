@@ -507,7 +507,8 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor
 @_backward.register_fake
 def _(q, k, v, i, f, C_states, n_states, m_states, h, den, stab, d_h, d_C_final, d_n_final, eps, chunk):
     fp32 = torch.float32
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i), torch.empty_like(f),
+    dense = lambda x: torch.empty_like(x, memory_format=torch.contiguous_format)  # noqa: E731 (as the kernels write)
+    return (dense(q), dense(k), dense(v), dense(i), dense(f),
             C_states.new_empty(C_states[:, :, 0].shape, dtype=fp32), n_states.new_empty(n_states[:, :, 0].shape, dtype=fp32),
             m_states.new_empty(m_states[:, :, 0].shape, dtype=fp32))
 

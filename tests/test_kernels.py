@@ -262,6 +262,29 @@ def test_model_on_triton_backend_equals_torch(design):
     assert torch.equal(results["triton"][2], results["torch"][2])
 
 
+def test_model_on_triton_backend_compiles_without_graph_breaks(design):
+    """torch.compile(fullgraph=True) traces a training loss of the whole model on the Triton backend (its
+    kernels are registered operators; a graph break would raise), and the compiled loss and gradients are
+    the eager ones: the same kernels run, the glue around them is traced (the q, k, v the kernels receive
+    are strided views of the projections, which their fake implementations must describe)."""
+    torch.manual_seed(0)
+    layout = {"num_blocks": 3, "slstm_at": [1]} if design == "paper" else {"num_blocks": 2}
+    model = randomise_(xLSTMForCausalLM(tiny_config(design, kernel_backend="triton", **layout)), scale=0.1).to(DEVICE)
+    ids = torch.randint(1, 97, (2, 21), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def loss(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        value = fn(ids)
+        results.append((value.detach(), torch.autograd.grad(value, list(model.parameters()))))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert rel_err(compiled, eager) < 1e-6
+    for got, want in zip(compiled_grads, eager_grads):
+        assert rel_err(got, want) < 1e-5
+
+
 def test_slstm_kernel_half_precision_inputs():
     """fp16 inputs (bf16 is wrong in the interpreter): fp32 math inside, outputs and input gradients in
     fp16; compared with the reference on the same fp16 inputs, to fp16 resolution (1e-3 relative)."""
