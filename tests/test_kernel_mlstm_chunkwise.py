@@ -97,6 +97,11 @@ CASES = {
     "chunk 64 (default), no initial state": (1, 1, 130, 16, 16, 64, False),
     "chunk 128": (1, 1, 140, 16, 16, 128, True),
     "DK = DV = 256 (4 x 4 tiles)": (1, 1, 20, 256, 256, 16, True),
+    # the head dims of the shipped designs: the paper's 125M model (4 heads of 384), xLSTM-7B (DK 256,
+    # DV 512) and the large design at 125M scale (DK 96, DV 192)
+    "paper 125M: DK = DV = 384": (1, 1, 20, 384, 384, 16, True),
+    "xLSTM-7B: DK 256, DV 512": (1, 1, 20, 256, 512, 16, True),
+    "large at 125M: DK 96, DV 192": (1, 2, 20, 96, 192, 16, True),
 }
 
 

@@ -140,7 +140,8 @@ def test_slstm_kernel_large_heads_fall_back_to_torch_backend():
     torch.testing.assert_close(out, cells.slstm_recurrent(x, R, b)[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("B, NH, DK, DV", [(1, 1, 8, 8), (2, 3, 16, 12), (1, 2, 128, 96), (1, 1, 256, 256)])
+@pytest.mark.parametrize("B, NH, DK, DV", [(1, 1, 8, 8), (2, 3, 16, 12), (1, 2, 128, 96), (1, 1, 256, 256),
+                                        (1, 1, 384, 384), (1, 1, 256, 512)])  # (the shipped designs: paper 125M, xLSTM-7B)
 def test_mlstm_step_kernel_matches_reference(B, NH, DK, DV):
     from xlstm_hf.kernels.mlstm_step import mlstm_step_triton
 
