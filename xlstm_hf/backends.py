@@ -72,8 +72,9 @@ def mlstm_chunkwise_training(q, k, v, i, f, initial_state=None, output_final_sta
     less per token) at the same speed on CPU (B=1, T=512, DK=DV=384, fwd+bwd: 43 vs 43 ms). One chunk
     (and inference) takes the plain loop: from a zero state without a final one, that is the parallel
     form, with no state to keep at all (small models, B=64, T=64: 1.6x faster than the recomputing form)."""
-    fn = mlstm_chunkwise if q.shape[-2] <= chunk_size else functools.partial(mlstm_chunkwise_recompute, state_every=None)
-    return fn(q, k, v, i, f, initial_state, output_final_state, eps, chunk_size)
+    if q.shape[-2] <= chunk_size:
+        return mlstm_chunkwise(q, k, v, i, f, initial_state, output_final_state, eps, chunk_size)
+    return mlstm_chunkwise_recompute(q, k, v, i, f, initial_state, output_final_state, eps, chunk_size, state_every=None)
 
 
 TORCH_OPS = {

@@ -21,7 +21,6 @@ convolutions as zeros, which is exactly "absent" for left padding (the padding `
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -257,38 +256,38 @@ class CausalConv1d(nn.Module):
         init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, window: torch.Tensor | None = None):
-        K = self.kernel_size
+        K, T = self.kernel_size, x.shape[1]
         given = window
         if window is None:
             window = x.new_zeros(x.shape[0], K - 1, x.shape[2])
         window = window.to(x.dtype)
-        if x.shape[1] > 1 and fused_cpu(x, window, self.weight, self.bias):
+        if T == 1:  # decode: one dot product per feature, no conv launch
+            xw = torch.cat([window, x], dim=1)  # (B, K, F)
+            return torch.einsum("bkf,fk->bf", xw, self.weight[:, 0, :])[:, None] + self.bias, xw[:, 1:]
+        if fused_cpu(x, window, self.weight, self.bias):
             # no gradients (prefill) on CPU: the fused kernel, one pass over x and no concatenation
             y = torch.ops.xlstm_hf.causal_conv(x, None if given is None else window, self.weight, self.bias)
-            tail = x[:, max(x.shape[1] - (K - 1), 0):]  # the last min(T, K-1) inputs
-            return y, torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
-        if given is None and x.shape[1] > 1 and torch.is_grad_enabled():
-            # training from the zero window: K shifted multiply-adds of x itself, in place on the output,
-            # so that autograd keeps views of x rather than a copy [0, x] (one (B, T, F) less per block)
-            T, w = x.shape[1], self.weight[:, 0, :]
-            y = torch.addcmul(self.bias.to(torch.promote_types(x.dtype, torch.float32)), x, w[:, K - 1])
-            for s in range(1, min(K, T)):
-                y[:, s:].addcmul_(x[:, :T - s], w[:, K - 1 - s])
-            tail = x[:, max(T - (K - 1), 0):]
-            return y.to(x.dtype), torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
-        xw = torch.cat([window, x], dim=1)  # (B, K-1+T, F)
-        if x.shape[1] == 1:  # decode: one dot product per feature, no conv launch
-            y = torch.einsum("bkf,fk->bf", xw, self.weight[:, 0, :])[:, None] + self.bias
         else:
-            # y_t = bias + sum_j w_j x_{t-K+1+j}: K shifted multiply-adds in the (B, T, F) layout; several times
-            # faster on CPU than a depthwise F.conv1d, which works channels-first and transposes twice. Summed
-            # in float32 (as the conv does inside) also for bf16 inputs: K roundings to bf16 would add up
-            T, w = x.shape[1], self.weight[:, 0, :]
-            y = torch.addcmul(self.bias.to(torch.promote_types(x.dtype, torch.float32)), xw[:, :T], w[:, 0])
-            for j in range(1, K):
-                y = y.addcmul(xw[:, j:j + T], w[:, j])
-            y = y.to(x.dtype)
-        return y, xw[:, xw.shape[1] - (K - 1):]
+            y = self._shifted_sum(x, None if given is None else window)
+        tail = x[:, max(T - (K - 1), 0):]  # the last min(T, K-1) inputs
+        return y, torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
+
+    def _shifted_sum(self, x: torch.Tensor, window: torch.Tensor | None) -> torch.Tensor:
+        """y_t = bias + sum_s w_{K-1-s} x_{t-s} (x_{t-s} from the window where t < s, zero without one).
+
+        K shifted multiply-adds of x itself in the (B, T, F) layout, in place on the output: several times
+        faster on CPU than a depthwise F.conv1d (which works channels-first and transposes twice), and
+        autograd keeps views of x rather than a copy [window, x]. Summed in float32 (as the conv does
+        inside) also for bf16 inputs: K roundings to bf16 would add up."""
+        K, T, w = self.kernel_size, x.shape[1], self.weight[:, 0, :]
+        y = torch.addcmul(self.bias.to(torch.promote_types(x.dtype, torch.float32)), x, w[:, K - 1])
+        for s in range(1, K):
+            if s < T:
+                y[:, s:].addcmul_(x[:, :T - s], w[:, K - 1 - s])
+            if window is not None:  # the first min(s, T) outputs reach back into the window
+                n = min(s, T)
+                y[:, :n].addcmul_(window[:, K - 1 - s:K - 1 - s + n], w[:, K - 1 - s])
+        return y.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
