@@ -42,7 +42,9 @@ A sequence that is not a multiple of the chunk is padded inside the kernels by m
 the last chunk's state is the state after the last real token. Sequences no longer than one chunk use a
 single chunk of the next power of two >= 16 (the same single chunk as the reference, less padding).
 
-All matmuls use fp32 with input_precision="ieee" (no TF32), to match the reference to fp32 rounding.
+Matmul precision (kernels/common.py): bf16/fp16 inputs take tensor-core products (operands rounded to the input
+dtype: q, k, v, the scores, the states' tiles; fp32 accumulation); fp32 inputs exact fp32 ("ieee"; TF32 only
+when asked for with torch.set_float32_matmul_precision). States, gates and normalisers are always fp32.
 """
 
 import math
@@ -50,6 +52,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .common import dot_precision, launch, mma
 
 _NEG_INF = tl.constexpr(float("-inf"))  # usable inside @triton.jit functions
 
@@ -191,6 +195,7 @@ def _chunk_states_kernel(
     CS, NS, MS,  # boundary states, fp32: (B*NH, NC+1, DK, DV), (B*NH, NC+1, DK), (B*NH, NC+1); index 0 filled in
     scale, T, NC,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
@@ -212,7 +217,7 @@ def _chunk_states_kernel(
         u, decay, m = _chunk_end(b_last, i, log_f_next, m)
         ku = _load_rows(k_base, t, t_ok, k0, DK, BLOCK_K) * (scale * u)[:, None]
         v = _load_rows(v_base, t, t_ok, v0, DV, BLOCK_V)
-        C = decay * C + tl.dot(tl.trans(ku), v, input_precision="ieee")
+        C = decay * C + mma(tl.trans(ku), v, DOT_DTYPE, PRECISION)
         n = decay * n + tl.sum(ku, axis=0)
         _store_tile(c_base + (c + 1) * DK * DV, C, k0, v0, DK, DV, BLOCK_K, BLOCK_V)
         if writes_n:
@@ -227,6 +232,7 @@ def _chunk_outputs_kernel(
     H, DEN, STAB,  # outputs, fp32: h (B*NH, T, DV); den_t and stab_t (B*NH, T) for the backward
     scale, eps, T, NC,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -244,13 +250,13 @@ def _chunk_outputs_kernel(
     for k0 in range(0, DK, BLOCK_K):
         q = _load_rows(q_base, t, t_ok, k0, DK, BLOCK_K)
         k = _load_rows(k_base, t, t_ok, k0, DK, BLOCK_K) * scale
-        qk += tl.dot(q, tl.trans(k), input_precision="ieee")
-        qc += tl.dot(q, _load_tile(CS + state * DK * DV, k0, v0, DK, DV, BLOCK_K, BLOCK_V), input_precision="ieee")
+        qk += mma(q, tl.trans(k), DOT_DTYPE, PRECISION)
+        qc += mma(q, _load_tile(CS + state * DK * DV, k0, v0, DK, DV, BLOCK_K, BLOCK_V), DOT_DTYPE, PRECISION)
         qn += tl.sum(q * _load_vec(NS + state * DK, k0, DK, BLOCK_K)[None, :], axis=1)
 
     scores = qk * w
     v = _load_rows(V + bh * T * DV, t, t_ok, v0, DV, BLOCK_V)
-    num = tl.dot(scores, v, input_precision="ieee") + carry[:, None] * qc
+    num = mma(scores, v, DOT_DTYPE, PRECISION) + carry[:, None] * qc
     den = tl.sum(scores, axis=1) + carry * qn
     h = num / (tl.maximum(tl.abs(den), tl.exp(-stab)) + eps)[:, None]
     _store_rows(H + bh * T * DV, h, t, t_ok, v0, DV, BLOCK_V)
@@ -270,6 +276,7 @@ def _chunk_state_grads_kernel(
     DCS, DNS,  # gradients of the boundary states, fp32 (B*NH, NC+1, DK, DV), (B*NH, NC+1, DK); index NC filled in
     T, NC,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
@@ -293,7 +300,7 @@ def _chunk_state_grads_kernel(
         q_carry = _load_rows(Q + bh * T * DK, t, t_ok, k0, DK, BLOCK_K) * carry[:, None]
         dnum = _load_rows(DNUM + bh * T * DV, t, t_ok, v0, DV, BLOCK_V)
         dden = tl.load(DDEN + bh * T + t, mask=t_ok, other=0.0)
-        dC = decay * dC + tl.dot(tl.trans(q_carry), dnum, input_precision="ieee")
+        dC = decay * dC + mma(tl.trans(q_carry), dnum, DOT_DTYPE, PRECISION)
         dn = decay * dn + tl.sum(q_carry * dden[:, None], axis=0)
         _store_tile(dc_base + c * DK * DV, dC, k0, v0, DK, DV, BLOCK_K, BLOCK_V)
         if writes_n:
@@ -306,6 +313,7 @@ def _chunk_grads_kernel(
     DQ, DK_, DV_, DI, DF,  # gradients of the inputs, fp32, shaped as the inputs
     scale, T, NC,
     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -330,12 +338,12 @@ def _chunk_grads_kernel(
     for k0 in range(0, DK, BLOCK_K):
         q = _load_rows(q_base, t, t_ok, k0, DK, BLOCK_K)
         k = _load_rows(k_base, t, t_ok, k0, DK, BLOCK_K) * scale
-        qk += tl.dot(q, tl.trans(k), input_precision="ieee")
+        qk += mma(q, tl.trans(k), DOT_DTYPE, PRECISION)
     d_scores = tl.zeros((L, L), dtype=tl.float32)
     for v0 in range(0, DV, BLOCK_V):
         dnum = _load_rows(dnum_base, t, t_ok, v0, DV, BLOCK_V)
         v = _load_rows(v_base, t, t_ok, v0, DV, BLOCK_V)
-        d_scores += tl.dot(dnum, tl.trans(v), input_precision="ieee")
+        d_scores += mma(dnum, tl.trans(v), DOT_DTYPE, PRECISION)
     d_scores += dden[:, None]
     scores = qk * w
     d_qk = d_scores * w  # zero above the diagonal, as w
@@ -360,8 +368,8 @@ def _chunk_grads_kernel(
             v = _load_rows(v_base, t, t_ok, v0, DV, BLOCK_V)
             C = _load_tile(c_in, k0, v0, DK, DV, BLOCK_K, BLOCK_V)
             dC = _load_tile(dc_out, k0, v0, DK, DV, BLOCK_K, BLOCK_V)
-            dnum_ct += tl.dot(dnum, tl.trans(C), input_precision="ieee")
-            v_dct += tl.dot(v, tl.trans(dC), input_precision="ieee")
+            dnum_ct += mma(dnum, tl.trans(C), DOT_DTYPE, PRECISION)
+            v_dct += mma(v, tl.trans(dC), DOT_DTYPE, PRECISION)
             d_decay += tl.sum(dC * C, axis=1)
         d_decay += dn * n
         dq_carry = carry[:, None] * (dnum_ct + dden[:, None] * n[None, :])
@@ -370,8 +378,8 @@ def _chunk_grads_kernel(
         # (contribution to dq_t) . q_t and (contribution to dk_s) . k_s
         d_b += tl.sum(dq_carry * q, axis=1)
         g_end += tl.sum(dk_end * k, axis=1)
-        dq = tl.dot(d_qk, k, input_precision="ieee") + dq_carry
-        dk = tl.dot(tl.trans(d_qk), q, input_precision="ieee") + dk_end
+        dq = mma(d_qk, k, DOT_DTYPE, PRECISION) + dq_carry
+        dk = mma(tl.trans(d_qk), q, DOT_DTYPE, PRECISION) + dk_end
         _store_rows(DQ + bh * T * DK, dq, t, t_ok, k0, DK, BLOCK_K)
         _store_rows(DK_ + bh * T * DK, dk * scale, t, t_ok, k0, DK, BLOCK_K)  # k was scaled by `scale`
 
@@ -381,8 +389,8 @@ def _chunk_grads_kernel(
         k_dc = tl.zeros((L, BLOCK_V), dtype=tl.float32)
         for k0 in range(0, DK, BLOCK_K):
             k = _load_rows(k_base, t, t_ok, k0, DK, BLOCK_K) * scale
-            k_dc += tl.dot(k, _load_tile(dc_out, k0, v0, DK, DV, BLOCK_K, BLOCK_V), input_precision="ieee")
-        dv = tl.dot(tl.trans(scores), dnum, input_precision="ieee") + u[:, None] * k_dc
+            k_dc += mma(k, _load_tile(dc_out, k0, v0, DK, DV, BLOCK_K, BLOCK_V), DOT_DTYPE, PRECISION)
+        dv = mma(tl.trans(scores), dnum, DOT_DTYPE, PRECISION) + u[:, None] * k_dc
         _store_rows(DV_ + bh * T * DV, dv, t, t_ok, v0, DV, BLOCK_V)
 
     # gates: log w_s = b_L - b_s + i~_s, and decay = exp(b_L + m - m'0) multiplies C_c and n_c
@@ -405,10 +413,34 @@ def _block(d: int) -> int:
     return min(MAX_BLOCK, max(16, triton.next_power_of_2(d)))  # tl.dot needs every dimension >= 16
 
 
-def _launch_config(chunk: int) -> dict:
-    # one config, no autotuning: deterministic, and `@triton.autotune` with several configs fails under
-    # TRITON_INTERPRET. Chunks of 64+ hold several (L, L) and (L, 64) fp32 tiles: give them more warps.
-    return {"num_warps": 4 if chunk <= 32 else 8}
+def _default_config(DK: int, DV: int, chunk: int) -> dict:
+    # chunks of 64+ hold several (L, L) and (L, 64) fp32 tiles: more warps
+    return {"BLOCK_K": _block(DK), "BLOCK_V": _block(DV), "num_warps": 4 if chunk <= 32 else 8}
+
+
+_CONFIGS = [triton.Config({"BLOCK_K": bk, "BLOCK_V": bv}, num_warps=w, num_stages=s)
+            for bk in (16, 32, 64, 128) for bv in (16, 32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Tiles no wider than the head needs (16 only for heads of 16 or less); large chunks with tiles up to 64."""
+    DK, DV, L = ({**named_args, **kwargs}[name] for name in ("DK", "DV", "L"))
+
+    def fits(block, d):
+        return block <= max(16, triton.next_power_of_2(d)) and (block > 16 or d <= 16) and (L <= 64 or block <= 64)
+
+    kept = [c for c in configs if fits(c.kwargs["BLOCK_K"], DK) and fits(c.kwargs["BLOCK_V"], DV)]
+    return kept or [triton.Config(_default_config(DK, DV, L))]
+
+
+def _tuned(kernel):
+    # the choice depends on the head dims, the chunk and (automatically) the dtypes; the kernels only write
+    # what they do not read, so trial runs need no restoring
+    return triton.autotune(_CONFIGS, key=["DK", "DV", "L"], prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_states_tuned, _outputs_tuned = _tuned(_chunk_states_kernel), _tuned(_chunk_outputs_kernel)
+_state_grads_tuned, _grads_tuned = _tuned(_chunk_state_grads_kernel), _tuned(_chunk_grads_kernel)
 
 
 # The kernels run inside two registered operators (`torch.library.custom_op`), the forward and the backward,
@@ -439,13 +471,14 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor,
     h = torch.empty(B, NH, T, DV, device=dev, dtype=fp32)
     den = torch.empty(B, NH, T, device=dev, dtype=fp32)
     stab = torch.empty(B, NH, T, device=dev, dtype=fp32)
-    bk, bv = _block(DK), _block(DV)
     scale = 1.0 / math.sqrt(DK)
-    sizes = dict(DK=DK, DV=DV, L=chunk, BLOCK_K=bk, BLOCK_V=bv, **_launch_config(chunk))
-    _chunk_states_kernel[(B * NH, triton.cdiv(DK, bk), triton.cdiv(DV, bv))](
-        k, v, i, f, C_states, n_states, m_states, scale, T, NC, **sizes)
-    _chunk_outputs_kernel[(B * NH, NC, triton.cdiv(DV, bv))](
-        q, k, v, i, f, C_states, n_states, m_states, h, den, stab, scale, eps, T, NC, **sizes)
+    default = _default_config(DK, DV, chunk)
+    sizes = dict(DK=DK, DV=DV, L=chunk, **dot_precision(q.dtype))
+    launch(_chunk_states_kernel, _states_tuned,
+           lambda c: (B * NH, triton.cdiv(DK, c["BLOCK_K"]), triton.cdiv(DV, c["BLOCK_V"])), default,
+           k, v, i, f, C_states, n_states, m_states, scale, T, NC, **sizes)
+    launch(_chunk_outputs_kernel, _outputs_tuned, lambda c: (B * NH, NC, triton.cdiv(DV, c["BLOCK_V"])), default,
+           q, k, v, i, f, C_states, n_states, m_states, h, den, stab, scale, eps, T, NC, **sizes)
     final = (C_states[:, :, NC].clone(), n_states[:, :, NC].clone(), m_states[:, :, NC].clone())
     return h, *final, C_states, n_states, m_states, den, stab
 
@@ -484,19 +517,20 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor
     # the gradient of the final m is dropped: m only stabilises (see xlstm_hf.cells)
     dC_states[:, :, NC] = d_C_final
     dn_states[:, :, NC] = d_n_final
-    bk, bv = _block(DK), _block(DV)
     scale = 1.0 / math.sqrt(DK)
-    sizes = dict(DK=DK, DV=DV, L=chunk, BLOCK_K=bk, BLOCK_V=bv, **_launch_config(chunk))
-    _chunk_state_grads_kernel[(B * NH, triton.cdiv(DK, bk), triton.cdiv(DV, bv))](
-        q, i, f, m_states, stab, d_num, d_den, dC_states, dn_states, T, NC, **sizes)
+    default = _default_config(DK, DV, chunk)
+    sizes = dict(DK=DK, DV=DV, L=chunk, **dot_precision(q.dtype))
+    launch(_chunk_state_grads_kernel, _state_grads_tuned,
+           lambda c: (B * NH, triton.cdiv(DK, c["BLOCK_K"]), triton.cdiv(DV, c["BLOCK_V"])), default,
+           q, i, f, m_states, stab, d_num, d_den, dC_states, dn_states, T, NC, **sizes)
     dq = torch.empty(q.shape, device=q.device, dtype=fp32)
     dk = torch.empty(k.shape, device=q.device, dtype=fp32)
     dv = torch.empty(v.shape, device=q.device, dtype=fp32)
     di = torch.empty(i.shape, device=q.device, dtype=fp32)
     df = torch.empty(f.shape, device=q.device, dtype=fp32)
-    _chunk_grads_kernel[(B * NH, NC)](
-        q, k, v, i, f, C_states, n_states, m_states, d_num, d_den, dC_states, dn_states,
-        dq, dk, dv, di, df, scale, T, NC, **sizes)
+    launch(_chunk_grads_kernel, _grads_tuned, lambda c: (B * NH, NC), default,
+           q, k, v, i, f, C_states, n_states, m_states, d_num, d_den, dC_states, dn_states,
+           dq, dk, dv, di, df, scale, T, NC, **sizes)
 
     # the initial state: C_0 and n_0 enter as exp(m_0) C_0, exp(m_0) n_0 (through carry and decay)
     dC0, dn0 = dC_states[:, :, 0].clone(), dn_states[:, :, 0].clone()

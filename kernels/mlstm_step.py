@@ -13,11 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import launch
+
 
 @triton.jit
 def _mlstm_step_kernel(
     Q, K, V, I, F, C, N, M, C_OUT, N_OUT, M_OUT, H,
-    scale, eps, DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    scale, eps, BH, DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     bh = tl.program_id(0)  # flattened (batch, head)
     pid_v = tl.program_id(1)
@@ -55,6 +57,25 @@ def _mlstm_step_kernel(
     tl.store(H + bh * DV + cols, numerator / normaliser, mask=col_ok)
 
 
+def _default_config(DK: int, DV: int) -> dict:
+    return {"BLOCK_K": min(64, triton.next_power_of_2(DK)), "BLOCK_V": min(64, triton.next_power_of_2(DV))}
+
+
+def _prune(configs, named_args, **kwargs):
+    DK, DV = ({**named_args, **kwargs}[name] for name in ("DK", "DV"))
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(DK))
+            and c.kwargs["BLOCK_V"] <= max(16, triton.next_power_of_2(DV))]
+    return kept or [triton.Config(_default_config(DK, DV))]
+
+
+# memory-bound: the best tiles trade programs (occupancy at small batch: BH = B * NH rows) against re-reading
+# q, k and n per tile of columns. C is updated in place, so trial runs restore it.
+_tuned = triton.autotune(
+    [triton.Config({"BLOCK_K": bk, "BLOCK_V": bv}, num_warps=w) for bk in (32, 64, 128) for bv in (16, 32, 64, 128)
+     for w in (2, 4, 8)],
+    key=["BH", "DK", "DV"], restore_value=["C"], prune_configs_by={"early_config_prune": _prune})(_mlstm_step_kernel)
+
+
 @torch.library.custom_op("xlstm_hf::mlstm_step_triton", mutates_args=("C",))
 def _step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor, C: torch.Tensor,
           n: torch.Tensor, m: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,15 +86,11 @@ def _step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f:
     n_out = torch.empty(B, NH, DK, device=q.device, dtype=torch.float32)
     m_out = torch.empty(B, NH, device=q.device, dtype=torch.float32)
     h = torch.empty(B, NH, DV, device=q.device, dtype=torch.float32)
-    block_v = min(64, triton.next_power_of_2(DV))
-    block_k = min(64, triton.next_power_of_2(DK))
-    grid = (B * NH, triton.cdiv(DV, block_v))
     # programs own disjoint columns of C: updating it where it lies is race-free
-    _mlstm_step_kernel[grid](
-        q.contiguous(), k.contiguous(), v.contiguous(), i.contiguous(), f.contiguous(),
-        C, n.float().contiguous(), m.float().contiguous(), C, n_out, m_out, h,
-        1.0 / math.sqrt(DK), eps, DK, DV, BLOCK_K=block_k, BLOCK_V=block_v,
-    )
+    launch(_mlstm_step_kernel, _tuned, lambda c: (B * NH, triton.cdiv(DV, c["BLOCK_V"])), _default_config(DK, DV),
+           q.contiguous(), k.contiguous(), v.contiguous(), i.contiguous(), f.contiguous(),
+           C, n.float().contiguous(), m.float().contiguous(), C, n_out, m_out, h,
+           1.0 / math.sqrt(DK), eps, B * NH, DK, DV)
     return h, n_out, m_out
 
 
