@@ -80,10 +80,11 @@ def mlstm_zero_state(batch: int, heads: int, dk: int, dv: int, device=None, dtyp
 
 
 @float32_compute
-def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, **_):
+def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, resets=None, **_):
     """mLSTM over a whole sequence in the quadratic parallel form (no state in or out).
 
-    q, k: (B, NH, T, DK); v: (B, NH, T, DV); i, f: (B, NH, T) input/forget gate pre-activations.
+    q, k: (B, NH, T, DK); v: (B, NH, T, DV); i, f: (B, NH, T) input/forget gate pre-activations; resets:
+    optional (B, T) bool, True where a new sequence starts (packed documents: a token sees only its own).
     Returns (h (B, NH, T, DV), None).
     """
     if initial_state is not None or output_final_state:
@@ -94,6 +95,9 @@ def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, 
     k = k / math.sqrt(k.shape[-1])
     b = F.logsigmoid(f).cumsum(-1)  # b_t = sum_{s<=t} log f_s
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if resets is not None:  # s and t in the same document: the same count of document starts up to them
+        document = _check_resets(resets, q.shape[0], T).cumsum(-1)[:, None]
+        causal = causal & (document[..., :, None] == document[..., None, :])
     # log D[t, s] = log(f_{s+1} ... f_t) + i~_s for s <= t
     log_d = (b[..., :, None] - b[..., None, :] + i[..., None, :]).masked_fill(~causal, float("-inf"))
     m = log_d.amax(-1).detach()  # (B, NH, T): the stabiliser m_t of the recurrent form
@@ -116,15 +120,27 @@ def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, 
 # (whose backward recomputes each chunk from its boundary state) both call them.
 
 
-def _mlstm_prepare(q, k, v, i, f, initial_state):
-    """The inputs in the compute dtype, k scaled, log f, and the initial state (C, n, m)."""
+def _mlstm_prepare(q, k, v, i, f, initial_state, resets=None):
+    """The inputs in the compute dtype, k scaled, log f, and the initial state (C, n, m). `resets` (B, T) bool:
+    True where a new sequence starts (packed documents): the state carried into that position is dropped,
+    which for the mLSTM is exactly a forget gate of zero, log f = -inf (see `_log_gate_sums`)."""
     q, k, v, i, f = _up(q, k, v, i, f)
     B, NH, _, DK = q.shape
     k = k / math.sqrt(DK)
     if initial_state is None:
         initial_state = mlstm_zero_state(B, NH, DK, v.shape[-1], q.device, q.dtype)
     C, n, m = (s.to(q.dtype) for s in initial_state)
-    return q, k, v, i, F.logsigmoid(f), C, n, m
+    log_f = F.logsigmoid(f)
+    if resets is not None:
+        log_f = log_f.masked_fill(_check_resets(resets, q.shape[0], q.shape[-2])[:, None, :], float("-inf"))
+    return q, k, v, i, log_f, C, n, m
+
+
+def _check_resets(resets, B, T):
+    if resets.shape != (B, T) or resets.dtype != torch.bool:
+        raise ValueError(f"resets must be a bool tensor of shape (batch, length) = {(B, T)}, got "
+                         f"{tuple(resets.shape)} {resets.dtype}")
+    return resets
 
 
 def _mlstm_chunks(chunk_size, *tensors):
@@ -133,11 +149,26 @@ def _mlstm_chunks(chunk_size, *tensors):
     return zip(*(t.split(chunk_size, dim=-2 if t.dim() == 4 else -1) for t in tensors))
 
 
-def _chunk_weights(b, ic, m, above_diagonal):
-    """Weights inside a chunk: w = exp(log D - stab0) (zero above the diagonal), carry (L,), stab (L,)."""
+def _log_gate_sums(log_fc, segmented):
+    """b = the cumulative sum of log f over the chunk, and the segments: with `segmented`, a log f of -inf
+    (a reset: the forget gate is exactly zero) starts a new segment; b then sums the finite log f only (so
+    that differences b_t - b_s stay finite) and seg (.., L) numbers the segments from 0 (the one that
+    continues the carried state). Without, seg is None."""
+    if not segmented:
+        return log_fc.cumsum(-1), None
+    reset = torch.isneginf(log_fc)
+    return log_fc.masked_fill(reset, 0.0).cumsum(-1), reset.cumsum(-1)
+
+
+def _chunk_weights(b, ic, m, above_diagonal, seg=None):
+    """Weights inside a chunk: w = exp(log D - stab0) (zero above the diagonal), carry (L,), stab (L,).
+    With segments (`_log_gate_sums`) a token sees only its own segment, and the carried state only segment 0."""
     L = b.shape[-1]
     log_d = (b[..., :, None] - b[..., None, :] + ic[..., None, :]).masked_fill(above_diagonal[:L, :L], float("-inf"))
     log_carry = b + m[..., None]  # weight of the carried state at each position
+    if seg is not None:
+        log_d = log_d.masked_fill(seg[..., :, None] != seg[..., None, :], float("-inf"))
+        log_carry = log_carry.masked_fill(seg > 0, float("-inf"))
     stab = torch.maximum(log_d.amax(-1), log_carry).detach()  # = m_t of the recurrent form
     stab0 = _finite(stab)
     return torch.exp(log_d - stab0[..., None]), torch.exp(log_carry - stab0), stab
@@ -153,20 +184,25 @@ def _chunk_scores(qc, kc, n, w, carry, stab, eps):
     return scores, denominator, normaliser
 
 
-def _chunk_end(b, ic, m):
-    """Weights that advance the state over the chunk: u (L,), decay, and the new stabiliser m'."""
+def _chunk_end(b, ic, m, seg=None):
+    """Weights that advance the state over the chunk: u (L,), decay, and the new stabiliser m'. With
+    segments only the last one reaches the end state, and the carried state only if there is no reset."""
     log_w = b[..., -1:] - b + ic  # weight of each token's k v^T in the end-of-chunk state
-    m_new = torch.maximum(b[..., -1] + m, log_w.amax(-1)).detach()
+    log_decay = b[..., -1] + m
+    if seg is not None:
+        log_w = log_w.masked_fill(seg != seg[..., -1:], float("-inf"))
+        log_decay = log_decay.masked_fill(seg[..., -1] > 0, float("-inf"))
+    m_new = torch.maximum(log_decay, log_w.amax(-1)).detach()
     m_new0 = _finite(m_new)
-    return torch.exp(log_w - m_new0[..., None]), torch.exp(b[..., -1] + m - m_new0), m_new
+    return torch.exp(log_w - m_new0[..., None]), torch.exp(log_decay - m_new0), m_new
 
 
-def _chunk_advance(kc, vc, ic, b, C, n, m, in_place=False):
+def _chunk_advance(kc, vc, ic, b, C, n, m, in_place=False, seg=None):
     """The state (C, n, m) at the end of the chunk, from the state carried into it (C, n None: the zero
     state, with m = -inf). `in_place`: C is the loop's own buffer, with no autograd and nothing else
     holding it, and is updated where it lies (one read and write of the DK x DV state per chunk instead
-    of three passes: ~40% of the update's time)."""
-    u, decay, m_new = _chunk_end(b, ic, m)
+    of three passes: ~40% of the update's time). seg: see `_log_gate_sums`."""
+    u, decay, m_new = _chunk_end(b, ic, m, seg)
     kw = kc * u[..., None]
     if C is None:
         return kw.transpose(-1, -2) @ vc, kw.sum(-2), m_new
@@ -178,18 +214,19 @@ def _chunk_advance(kc, vc, ic, b, C, n, m, in_place=False):
     return C, decay[..., None] * n + kw.sum(-2), m_new
 
 
-def _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal, in_place=False, advance=True):
+def _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal, in_place=False, advance=True,
+                 segmented=False):
     """One chunk: its outputs h (B, NH, L, DV) and the state (C, n, m) at its end. C, n None: the zero
     state carried in (m = -inf: no carried terms to compute); `advance` False: the end state is not
-    needed (None, None, None)."""
-    b = log_fc.cumsum(-1)  # (B, NH, L)
-    w, carry, stab = _chunk_weights(b, ic, m, above_diagonal)
+    needed (None, None, None); `segmented`: log f may hold resets (-inf, see `_log_gate_sums`)."""
+    b, seg = _log_gate_sums(log_fc, segmented)  # (B, NH, L)
+    w, carry, stab = _chunk_weights(b, ic, m, above_diagonal, seg)
     scores, _, normaliser = _chunk_scores(qc, kc, n, w, carry, stab, eps)
     num = scores @ vc
     if C is not None:
         num = num + carry[..., None] * (qc @ C)
     h = num / normaliser[..., None]
-    return h, (_chunk_advance(kc, vc, ic, b, C, n, m, in_place) if advance else (None, None, None))
+    return h, (_chunk_advance(kc, vc, ic, b, C, n, m, in_place, seg) if advance else (None, None, None))
 
 
 def _above_diagonal(chunk_size, T, device):
@@ -198,7 +235,7 @@ def _above_diagonal(chunk_size, T, device):
 
 
 def _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states=None, state_every=1,
-                          zero_start=False, final_state=True):
+                          zero_start=False, final_state=True, segmented=False):
     """The chunk loop on prepared inputs (`_mlstm_prepare`): (h, final state). `states`, a list, receives
     the state carried into every `state_every`-th chunk (chunks 0, state_every, ...). Where no states are
     kept: `zero_start` says (C, n, m) is the zero state, so the first chunk skips the carried terms, and
@@ -220,30 +257,33 @@ def _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states=No
         if states is not None and c % state_every == 0:
             states.append((C, n, m))
         h, (C, n, m) = _mlstm_chunk(qc, kc, vc, ic, log_fc, C, n, m, eps, above_diagonal, in_place,
-                                    advance=final_state or c < chunks - 1)
+                                    advance=final_state or c < chunks - 1, segmented=segmented)
         outputs.append(h)
     return torch.cat(outputs, dim=-2), ((C, n, m) if final_state else None)
 
 
 @float32_compute
-def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64, **_):
+def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64,
+                    resets=None, **_):
     """mLSTM over a sequence chunk by chunk: memory linear in T, any T (not only multiples of chunk_size).
 
     Inside a chunk the parallel form is used, with the carried state (C, n, m) as an extra term; between
     chunks the state is advanced to the chunk's end. Shapes as in `mlstm_parallel`; `initial_state` and
-    the returned state are (C, n, m) as in `mlstm_zero_state`. Autograd records every chunk's intermediates;
+    the returned state are (C, n, m) as in `mlstm_zero_state`; `resets` as in `mlstm_parallel` (a reset also
+    drops the initial state). Autograd records every chunk's intermediates;
     `mlstm_chunkwise_recompute` computes the same with a backward that recomputes them, and under
     torch.compile the loop is the custom operator `xlstm_hf::mlstm_chunkwise_forward` with that backward.
     """
     out_dtype = v.dtype
-    prepared = _mlstm_prepare(q, k, v, i, f, initial_state)
+    prepared = _mlstm_prepare(q, k, v, i, f, initial_state, resets)
+    segmented = resets is not None
     if torch.compiler.is_compiling():  # one opaque operator, not a loop unrolled per sequence length
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in prepared)
         every = 1 if needs_grad else 1 << 30  # (inference keeps only the first state)
-        h, *state = torch.ops.xlstm_hf.mlstm_chunkwise_forward(*prepared, eps, chunk_size, every)[:4]
+        h, *state = torch.ops.xlstm_hf.mlstm_chunkwise_forward(*prepared, eps, chunk_size, every, segmented)[:4]
         return h.to(out_dtype), (tuple(state) if output_final_state else None)
     h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size, zero_start=initial_state is None,
-                                     final_state=output_final_state)
+                                     final_state=output_final_state, segmented=segmented)
     return h.to(out_dtype), state
 
 
@@ -253,15 +293,15 @@ def _state_dot(a, b):
     return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))
 
 
-def _mlstm_chunk_backward(qc, kc, vc, ic, log_fc, hc, dhc, C, n, m, dC, dn, eps, above_diagonal):
+def _mlstm_chunk_backward(qc, kc, vc, ic, log_fc, hc, dhc, C, n, m, dC, dn, eps, above_diagonal, segmented=False):
     """The backward of `_mlstm_chunk` with the stabilisers held constant, recomputing the chunk's weights
     and scores from the state (C, n, m) carried into it: from dh of its outputs and dC, dn of the state
     it hands on, the gradients of qc, kc, vc, ic, log_fc and of the state carried in (dC, dn, dm)."""
     T_ = lambda x: x.transpose(-1, -2)  # noqa: E731
-    b = log_fc.cumsum(-1)
-    w, carry, stab = _chunk_weights(b, ic, m, above_diagonal)
+    b, seg = _log_gate_sums(log_fc, segmented)
+    w, carry, stab = _chunk_weights(b, ic, m, above_diagonal, seg)
     scores, den, normaliser = _chunk_scores(qc, kc, n, w, carry, stab, eps)
-    u, decay, _ = _chunk_end(b, ic, m)
+    u, decay, _ = _chunk_end(b, ic, m, seg)
     kw = kc * u[..., None]
     # h = num / N, N = max(|den|, floor) + eps (torch.maximum splits a tie's gradient in halves)
     d_num = dhc / normaliser[..., None]
@@ -287,6 +327,8 @@ def _mlstm_chunk_backward(qc, kc, vc, ic, log_fc, hc, dhc, C, n, m, dC, dn, eps,
     d_b[..., -1] += g_end.sum(-1) + g_decay
     di = g_intra.sum(-2) + g_end
     dlog_f = d_b.flip(-1).cumsum(-1).flip(-1)  # b = cumsum(log f)
+    if segmented:  # a reset's log f (-inf) is a constant
+        dlog_f = dlog_f.masked_fill(torch.isneginf(log_fc), 0.0)
     dm = g_carry.sum(-1) + g_decay
     # the gradient of the state carried in
     q_carry = qc * carry[..., None]
@@ -303,16 +345,17 @@ class MLSTMChunkwiseFunction(torch.autograd.Function):
     chunks from the saved one) and carries the state gradients (dC, dn) back across chunks. Stabilisers are
     constants, as in the reference; the gradient of the initial m is that of the first chunk's carry and decay.
 
-    apply(q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every) on prepared inputs -> h, C', n', m'
-    (m' constant).
+    apply(q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every, segmented=False) on prepared inputs
+    -> h, C', n', m' (m' constant); `segmented`: log f holds resets (-inf).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every):
+    def forward(ctx, q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every, segmented=False):
         states = []
-        h, (C, n, m) = _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states, state_every)
+        h, (C, n, m) = _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states, state_every,
+                                             segmented=segmented)
         ctx.save_for_backward(q, k, v, i, log_f, h, *(s for state in states for s in state))
-        ctx.eps, ctx.chunk_size, ctx.state_every = eps, chunk_size, state_every
+        ctx.eps, ctx.chunk_size, ctx.state_every, ctx.segmented = eps, chunk_size, state_every, segmented
         ctx.mark_non_differentiable(m)
         return h, C, n, m
 
@@ -329,10 +372,10 @@ class MLSTMChunkwiseFunction(torch.autograd.Function):
         q, k, v, i, log_f, h, *flat = saved_tensors
         saved = [flat[j:j + 3] for j in range(0, len(flat), 3)]
         return (*_mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, ctx.eps, ctx.chunk_size,
-                                           ctx.state_every), None, None, None)
+                                           ctx.state_every, ctx.segmented), None, None, None, None)
 
 
-def _mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, eps, L, every):
+def _mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, eps, L, every, segmented=False):
     """The gradients (dq, dk, dv, di, dlog_f, dC, dn, dm) of the chunk loop from those of h and of the final
     (C, n) (None: zero), given `saved`, the states carried into every `every`-th chunk (see
     `MLSTMChunkwiseFunction`)."""
@@ -348,21 +391,21 @@ def _mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, eps, L, e
         # the states carried into chunks first .. last of this stretch, from the saved one
         states = [saved[first // every]]
         for c in range(first, min(first + every, n_chunks) - 1):
-            b = log_f[..., chunks(c)].cumsum(-1)
+            b, seg = _log_gate_sums(log_f[..., chunks(c)], segmented)
             kc, vc, ic = k[..., chunks(c), :], v[..., chunks(c), :], i[..., chunks(c)]
-            states.append(_chunk_advance(kc, vc, ic, b, *states[-1]))
+            states.append(_chunk_advance(kc, vc, ic, b, *states[-1], seg=seg))
         for c in reversed(range(first, first + len(states))):
             rows = chunks(c)
             dq[..., rows, :], dk[..., rows, :], dv[..., rows, :], di[..., rows], dlog_f[..., rows], dC, dn, dm = \
                 _mlstm_chunk_backward(*(t[..., rows, :] for t in (q, k, v)), i[..., rows], log_f[..., rows],
                                       h[..., rows, :], dh[..., rows, :], *states.pop(), dC, dn, eps,
-                                      above_diagonal)
+                                      above_diagonal, segmented)
     return dq, dk, dv, di, dlog_f, dC, dn, dm
 
 
 @float32_compute
 def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6,
-                              chunk_size=64, state_every=1, **_):
+                              chunk_size=64, state_every=1, resets=None, **_):
     """`mlstm_chunkwise` (same signature, function and gradients) whose backward recomputes each chunk from
     the state carried into it (`MLSTMChunkwiseFunction`), instead of autograd keeping every chunk's
     intermediates: training memory is the inputs plus one (C, n, m) per chunk. With `state_every` = K > 1
@@ -372,15 +415,16 @@ def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_st
         raise ValueError(f"state_every must be a positive integer or None, got {state_every!r}")
     if torch.compiler.is_compiling():  # the operator, whose backward is this Function's (with K = 1: a K
         # that depends on T would compile a graph per sequence length)
-        return mlstm_chunkwise(q, k, v, i, f, initial_state, output_final_state, eps, chunk_size)
+        return mlstm_chunkwise(q, k, v, i, f, initial_state, output_final_state, eps, chunk_size, resets=resets)
     out_dtype = v.dtype
-    prepared = _mlstm_prepare(q, k, v, i, f, initial_state)
+    prepared = _mlstm_prepare(q, k, v, i, f, initial_state, resets)
+    segmented = resets is not None
     if torch.is_grad_enabled() and any(t.requires_grad for t in prepared):
         every = state_every or math.ceil(math.sqrt(-(-q.shape[-2] // chunk_size)))
-        h, *state = MLSTMChunkwiseFunction.apply(*prepared, eps, chunk_size, every)
+        h, *state = MLSTMChunkwiseFunction.apply(*prepared, eps, chunk_size, every, segmented)
     else:  # nothing to differentiate: no states to keep
         h, state = _mlstm_chunkwise_loop(*prepared, eps, chunk_size, zero_start=initial_state is None,
-                                         final_state=output_final_state)
+                                         final_state=output_final_state, segmented=segmented)
     return h.to(out_dtype), (tuple(state) if output_final_state else None)
 
 
@@ -396,17 +440,19 @@ def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_st
 @torch.library.custom_op("xlstm_hf::mlstm_chunkwise_forward", mutates_args=())
 def mlstm_chunkwise_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, log_f: torch.Tensor,
                             C: torch.Tensor, n: torch.Tensor, m: torch.Tensor, eps: float, chunk_size: int,
-                            state_every: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                       torch.Tensor, torch.Tensor, torch.Tensor]:
+                            state_every: int, segmented: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         states = []
-        h, (C, n, m) = _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states, state_every)
+        h, (C, n, m) = _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states, state_every,
+                                             segmented=segmented)
         Cs, ns, ms = (torch.stack(s) for s in zip(*states))
     return h, C, n, m, Cs, ns, ms
 
 
 @mlstm_chunkwise_forward.register_fake
-def _(q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every):
+def _(q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every, segmented=False):
     saved = -(-(-(-q.shape[-2] // chunk_size)) // state_every)  # ceil(ceil(T / L) / every)
     return (v.new_empty(v.shape), torch.empty_like(C), torch.empty_like(n), torch.empty_like(m),
             C.new_empty(saved, *C.shape), n.new_empty(saved, *n.shape), m.new_empty(saved, *m.shape))
@@ -416,25 +462,26 @@ def _(q, k, v, i, log_f, C, n, m, eps, chunk_size, state_every):
 def mlstm_chunkwise_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor,
                              log_f: torch.Tensor, h: torch.Tensor, Cs: torch.Tensor, ns: torch.Tensor,
                              ms: torch.Tensor, dh: torch.Tensor, dC: torch.Tensor, dn: torch.Tensor, eps: float,
-                             chunk_size: int, state_every: int
+                             chunk_size: int, state_every: int, segmented: bool = False
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients (dq, dk, dv, di, dlog_f, dC, dn, dm) of `mlstm_chunkwise_forward`'s inputs."""
     with autocast_off(q.device.type):
         saved = list(zip(Cs.unbind(0), ns.unbind(0), ms.unbind(0)))
-        return _mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, eps, chunk_size, state_every)
+        return _mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, eps, chunk_size, state_every,
+                                         segmented)
 
 
 @mlstm_chunkwise_backward.register_fake
-def _(q, k, v, i, log_f, h, Cs, ns, ms, dh, dC, dn, eps, chunk_size, state_every):
+def _(q, k, v, i, log_f, h, Cs, ns, ms, dh, dC, dn, eps, chunk_size, state_every, segmented=False):
     return (*(torch.empty_like(t) for t in (q, k, v, i, log_f)), torch.empty_like(Cs[0]), torch.empty_like(ns[0]),
             torch.empty_like(ms[0]))
 
 
 def _chunkwise_setup_context(ctx, inputs, output):
-    q, k, v, i, log_f, _, _, _, eps, chunk_size, state_every = inputs
+    q, k, v, i, log_f, _, _, _, eps, chunk_size, state_every, segmented = inputs
     ctx.save_for_backward(q, k, v, i, log_f, output[0], *output[4:])
-    ctx.options = eps, chunk_size, state_every
+    ctx.options = eps, chunk_size, state_every, segmented
     ctx.mark_non_differentiable(*output[3:])  # the final m (a constant, as in the reference), the saved states
 
 
@@ -444,7 +491,7 @@ def _chunkwise_backward(ctx, dh, dC, dn, *_):
     dC = torch.zeros_like(Cs[0]) if dC is None else dC
     dn = torch.zeros_like(ns[0]) if dn is None else dn
     grads = torch.ops.xlstm_hf.mlstm_chunkwise_backward(q, k, v, i, log_f, h, Cs, ns, ms, dh, dC, dn, *ctx.options)
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 mlstm_chunkwise_forward.register_autograd(_chunkwise_backward, setup_context=_chunkwise_setup_context)
@@ -483,9 +530,11 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6, fused_update=None):
 
 
 @float32_compute
-def mlstm_recurrent(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, **_):
-    """mLSTM over a sequence one step at a time (shapes as `mlstm_chunkwise`)."""
-    B, NH, _, DK = q.shape
+def mlstm_recurrent(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, resets=None, **_):
+    """mLSTM over a sequence one step at a time (shapes and resets as `mlstm_chunkwise`)."""
+    B, NH, T, DK = q.shape
+    if resets is not None:  # a reset is a forget gate of exactly zero: log sigmoid(-inf) = -inf
+        f = f.masked_fill(_check_resets(resets, B, T)[:, None, :], float("-inf"))
     # the steps update their state in place: never the caller's
     state = tuple(t.clone() for t in initial_state) if initial_state is not None else \
         mlstm_zero_state(B, NH, DK, v.shape[-1], q.device)
