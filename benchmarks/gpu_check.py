@@ -26,7 +26,6 @@ about them.
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -260,7 +259,6 @@ def speed_mlstm(device, peaks, dtype, dry_run, repeats):
                          "fwd_bwd_bound_ms": 1e3 * b_fb, "fwd_tflops": fwd_flops / t_fwd / 1e12})
             print(f"  mLSTM {design:<11} {label:<52} fwd {1e3 * t_fwd:8.2f} ms ({t_fwd / b_fwd:5.1f}x bound)  "
                   f"fwd+bwd {1e3 * t_fb:8.2f} ms ({t_fb / b_fb:5.1f}x bound)", flush=True)
-            del xs, gates, args
     return rows
 
 
@@ -310,7 +308,6 @@ def speed_slstm(device, dtype, dry_run, repeats):
                          "fwd_bwd_us_per_step": 1e6 * t_fb / T})
             print(f"  sLSTM {design:<30} {label:<24} fwd {1e3 * t_fwd:8.2f} ms ({1e6 * t_fwd / T:6.2f} us/step)  "
                   f"fwd+bwd {1e3 * t_fb:8.2f} ms ({1e6 * t_fb / T:6.2f} us/step)", flush=True)
-        del x, R, b
     return rows
 
 
