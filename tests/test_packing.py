@@ -87,3 +87,34 @@ def test_mlstm_reset_drops_the_initial_state_and_gives_final_state_of_last_docum
         assert rel_err(h, torch.cat([first, second], dim=2)) < TOL
         for a, b in zip(final, final_alone):
             assert rel_err(a, b) < TOL
+
+
+def test_slstm_reference_packed_documents_equal_each_alone():
+    """The sLSTM reference with resets: each packed document from the zero state, outputs and gradients
+    (the first document of row 1 continues the initial state, as a reset-free start does)."""
+    NH, DH = 2, 3
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, T, NH, 4, DH, generator=g, dtype=torch.float64).requires_grad_()
+    R = (0.5 * torch.randn(NH, DH, 4, DH, generator=g, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(NH, 4, DH, generator=g, dtype=torch.float64).requires_grad_()
+    state = [torch.randn(2, NH, DH, generator=g, dtype=torch.float64) for _ in range(4)]
+    state[2] = state[2].abs() + 0.5
+    resets = resets_of(DOCS)
+    resets[1, 0] = False  # row 1: one document continuing the initial state
+    w = torch.randn(2, T, NH, DH, generator=g, dtype=torch.float64)
+    out, _ = cells.slstm_recurrent(x, R, b, initial_state=state, resets=resets)
+    grads = torch.autograd.grad((out * w).sum(), (x, R, b))
+    alone, loss = torch.zeros_like(out), 0.0
+    for row, lengths in enumerate(DOCS):
+        start = 0
+        for length in lengths:
+            span = slice(start, start + length)
+            init = [s[row:row + 1] for s in state] if not resets[row, start] else None
+            o, _ = cells.slstm_recurrent(x[row:row + 1, span], R, b, initial_state=init)
+            alone[row:row + 1, span] = o.detach()
+            loss = loss + (o * w[row:row + 1, span]).sum()
+            start += length
+    assert rel_err(out, alone) < TOL
+    for got, want in zip(grads, torch.autograd.grad(loss, (x, R, b))):
+        assert rel_err(got, want) < TOL
+    assert rel_err(cells.slstm_recurrent(x, R, b, initial_state=state)[0], alone) > 1e-3

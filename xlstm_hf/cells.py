@@ -570,13 +570,14 @@ def slstm_pointwise(raw, c, n, m):
 
 
 @float32_compute
-def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None):
+def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None, resets=None):
     """sLSTM over a sequence (paper eqs. 8-17, stabilised as in the official package).
 
     x: (B, T, NH, 4, DH) input contributions to the gate pre-activations, gates ordered (i, f, z, o);
     recurrent_kernel: (NH, DH, 4, DH) maps h_{t-1} of a head (input dim) to that head's four gates;
-    bias: (NH, 4, DH); mask: optional (B, T) bool, False = padding: that step leaves the state unchanged.
-    Returns (h (B, T, NH, DH), final state (h, c, n, m) each (B, NH, DH) or None).
+    bias: (NH, 4, DH); mask: optional (B, T) bool, False = padding: that step leaves the state unchanged;
+    resets: optional (B, T) bool, True where a new sequence starts (packed documents): the state carried
+    into that step is replaced by the zero state (h = c = n = 0, m = -inf). Returns (h (B, T, NH, DH), final state (h, c, n, m) each (B, NH, DH) or None).
 
         i~, f~, z~, o~ = x_t + R h_{t-1} + b
         m_t = max(log sigmoid(f~) + m_{t-1}, i~);  i = exp(i~ - m_t);  f = exp(log sigmoid(f~) + m_{t-1} - m_t)
@@ -591,9 +592,13 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
     state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device)
     h, c, n, m = (s.to(x.dtype).transpose(0, 1) for s in state)  # each (NH, B, DH)
     keeps = [None] * T if mask is None else mask.T[:, None, :, None].unbind(0)  # each (1, B, 1)
+    starts = [None] * T if resets is None else _check_resets(resets, B, T).T[:, None, :, None].unbind(0)
     outputs = []
     # unbind() rather than wx[t]: indexing in the loop would give each step a full-size zero gradient
-    for wx_t, keep in zip(wx.unbind(0), keeps):
+    for wx_t, keep, start in zip(wx.unbind(0), keeps, starts):
+        if start is not None:  # a new document: it starts from the zero state
+            h, c, n = (torch.where(start, 0.0, s) for s in (h, c, n))
+            m = torch.where(start, float("-inf"), m)
         h_new, c_new, n_new, m_new = slstm_pointwise(wx_t + torch.bmm(h, r).view(NH, B, G, DH), c, n, m)
         if keep is not None:
             h_new, c_new, n_new, m_new = (torch.where(keep, a, b) for a, b in ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
