@@ -118,3 +118,52 @@ def test_slstm_reference_packed_documents_equal_each_alone():
     for got, want in zip(grads, torch.autograd.grad(loss, (x, R, b))):
         assert rel_err(got, want) < TOL
     assert rel_err(cells.slstm_recurrent(x, R, b, initial_state=state)[0], alone) > 1e-3
+
+
+def test_causal_conv_with_positions_equals_each_document_alone():
+    """The causal conv on packed rows (positions restarting at 0 per document): outputs and gradients equal
+    F.conv1d over each document from a zero window (float64), and the returned window holds only the
+    last document's inputs; a row whose first document continues a window (positions not starting at 0)
+    reads that window."""
+    import torch.nn.functional as F
+
+    from xlstm_hf.modeling_xlstm import CausalConv1d
+
+    K, Fe = 4, 3
+    conv = CausalConv1d(Fe, K).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, T, Fe, generator=g, dtype=torch.float64).requires_grad_()
+    window = torch.randn(2, K - 1, Fe, generator=g, dtype=torch.float64)
+    docs = [[5, 11, 1, 8, 15], [2, 38]]
+    positions = torch.zeros(2, T, dtype=torch.long)
+    for row, lengths in enumerate(docs):
+        start = 0
+        for length in lengths:
+            positions[row, start:start + length] = torch.arange(length)
+            start += length
+    positions[1, :2] += 7  # row 1's first document continues the window (it is at positions 7, 8)
+    w = torch.randn(2, T, Fe, generator=g, dtype=torch.float64)
+    y, new_window = conv(x, window, positions)
+    grads = torch.autograd.grad((y * w).sum(), (x, conv.weight, conv.bias))
+    want = torch.zeros_like(y)
+    loss = 0.0
+    for row, lengths in enumerate(docs):
+        start = 0
+        for length in lengths:
+            part = x[row:row + 1, start:start + length]
+            before = window[row:row + 1] if positions[row, start] > 0 else torch.zeros_like(window[:1])
+            padded = torch.cat([before, part], dim=1).transpose(1, 2)
+            out = F.conv1d(padded, conv.weight, conv.bias, groups=Fe).transpose(1, 2)
+            want[row:row + 1, start:start + length] = out.detach()
+            loss = loss + (out * w[row:row + 1, start:start + length]).sum()
+            start += length
+    assert rel_err(y, want) < TOL
+    for got, ref in zip(grads, torch.autograd.grad(loss, (x, conv.weight, conv.bias))):
+        assert rel_err(got, ref) < TOL
+    # the window after row 0 (last document: 15 tokens) is its last 3 inputs; after a 1-token document it
+    # would hold zeros before it
+    assert torch.equal(new_window[0], x[0, -3:].detach())
+    short = torch.zeros(1, 6, dtype=torch.long)
+    short[0, 4], short[0, 5] = 0, 1  # a document of 2 tokens at the end
+    _, win = conv(x[:1, :6].detach(), None, short)
+    assert torch.equal(win[0, 0], torch.zeros(Fe, dtype=torch.float64)) and torch.equal(win[0, 1:], x[0, 4:6].detach())

@@ -238,8 +238,10 @@ def dense(x: torch.Tensor) -> torch.Tensor:
 class CausalConv1d(nn.Module):
     """Causal depthwise convolution over time with a carried window of the last `kernel_size - 1` inputs.
 
-    weight: (F, 1, K) as in nn.Conv1d; `forward(x (B, T, F), window (B, K-1, F) or None)` returns
-    (y (B, T, F), new window). An absent window means zeros (nothing before the sequence).
+    weight: (F, 1, K) as in nn.Conv1d; `forward(x (B, T, F), window (B, K-1, F) or None, positions)` returns
+    (y (B, T, F), new window). An absent window means zeros (nothing before the sequence). `positions`
+    (B, T), optional: each token's position in its document (packed rows restart at 0): a tap that reaches
+    back s steps counts only where the position is >= s, so no document sees another's inputs.
     """
 
     def __init__(self, features: int, kernel_size: int):
@@ -255,12 +257,18 @@ class CausalConv1d(nn.Module):
         init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor, window: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, window: torch.Tensor | None = None, positions: torch.Tensor | None = None):
         K, T = self.kernel_size, x.shape[1]
         given = window
         if window is None:
             window = x.new_zeros(x.shape[0], K - 1, x.shape[2])
         window = window.to(x.dtype)
+        if positions is not None:  # packed documents
+            y = self._shifted_sum(x, None if given is None else window, positions)
+            xw = torch.cat([window, x], dim=1)[:, -(K - 1):] if K > 1 else window
+            # the window entry s steps back from the last token belongs to its document where its position >= s
+            back = torch.arange(K - 2, -1, -1, device=x.device)
+            return y, xw * (positions[:, -1:] >= back)[..., None].to(x.dtype)
         if T == 1:  # decode: one dot product per feature, no conv launch
             xw = torch.cat([window, x], dim=1)  # (B, K, F)
             return torch.einsum("bkf,fk->bf", xw, self.weight[:, 0, :])[:, None] + self.bias, xw[:, 1:]
@@ -272,8 +280,9 @@ class CausalConv1d(nn.Module):
         tail = x[:, max(T - (K - 1), 0):]  # the last min(T, K-1) inputs
         return y, torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
 
-    def _shifted_sum(self, x: torch.Tensor, window: torch.Tensor | None) -> torch.Tensor:
-        """y_t = bias + sum_s w_{K-1-s} x_{t-s} (x_{t-s} from the window where t < s, zero without one).
+    def _shifted_sum(self, x: torch.Tensor, window: torch.Tensor | None, positions=None) -> torch.Tensor:
+        """y_t = bias + sum_s w_{K-1-s} x_{t-s} (x_{t-s} from the window where t < s, zero without one; with
+        `positions`, only the terms with positions_t >= s: those in t's own document).
 
         K shifted multiply-adds of x itself in the (B, T, F) layout, in place on the output: several times
         faster on CPU than a depthwise F.conv1d (which works channels-first and transposes twice), and
@@ -282,11 +291,14 @@ class CausalConv1d(nn.Module):
         K, T, w = self.kernel_size, x.shape[1], self.weight[:, 0, :]
         y = torch.addcmul(self.bias.to(torch.promote_types(x.dtype, torch.float32)), x, w[:, K - 1])
         for s in range(1, K):
+            inside = None if positions is None else (positions >= s)[..., None].to(x.dtype)  # (B, T, 1)
             if s < T:
-                y[:, s:].addcmul_(x[:, :T - s], w[:, K - 1 - s])
+                term = x[:, :T - s] if inside is None else x[:, :T - s] * inside[:, s:]
+                y[:, s:].addcmul_(term, w[:, K - 1 - s])
             if window is not None:  # the first min(s, T) outputs reach back into the window
                 n = min(s, T)
-                y[:, :n].addcmul_(window[:, K - 1 - s:K - 1 - s + n], w[:, K - 1 - s])
+                term = window[:, K - 1 - s:K - 1 - s + n]
+                y[:, :n].addcmul_(term if inside is None else term * inside[:, :n], w[:, K - 1 - s])
         return y.to(x.dtype)
 
 
