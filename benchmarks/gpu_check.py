@@ -169,7 +169,7 @@ def check_slstm(B, T, NH, DH, dtype, device):
 def correctness(device, half, dry_run):
     rows = []
     mlstm = {"tiny": (1, 16, 32), "tiny, 2 x 3 tiles": (1, 96, 160)} if dry_run else MLSTM_SHAPES
-    slstm = {"tiny": (1, 16), "tiny, tiled": (1, 96)} if dry_run else {k: v for k, v in SLSTM_SHAPES.items()}
+    slstm = {"tiny": (1, 16), "tiny, tiled": (1, 96)} if dry_run else SLSTM_SHAPES
     B, T, chunk = (1, 40, 16) if dry_run else (2, 512, 64)
     for dtype in (half, torch.float32):
         for design, (NH, DK, DV) in mlstm.items():
@@ -302,9 +302,12 @@ def speed_slstm(device, dtype, dry_run, repeats):
             with torch.no_grad():
                 t_fwd = timed(lambda: fn(x, R, b), device, repeats if "triton" in label else 1)
             t_fb = timed(lambda: fn(x, R, b)[0].float().sum().backward(), device, repeats if "triton" in label else 1)
-            # per step and program: R (4 DH^2 values) streamed from L2 for DH > 64 (kept in registers below)
+            # the bound of a sequential kernel is per step: kernels/README.md's estimate (an H100's ~110 GB/s from
+            # L2 into one SM for R's 4 DH^2 values above 64, else the ~1.5 us latency of one step's chain)
+            step = max(1.5e-6, 4 * DH * DH * x.element_size() / 110e9) if DH > 64 else 1.5e-6
             rows.append({"kernel": "sLSTM", "design": design, "impl": label, "shape": f"B={B} T={T} NH={NH} DH={DH}",
-                         "fwd_ms": 1e3 * t_fwd, "fwd_bwd_ms": 1e3 * t_fb, "fwd_us_per_step": 1e6 * t_fwd / T,
+                         "fwd_ms": 1e3 * t_fwd, "fwd_bound_ms": 1e3 * T * step, "fwd_bwd_ms": 1e3 * t_fb,
+                         "fwd_bwd_bound_ms": 2e3 * T * step, "fwd_us_per_step": 1e6 * t_fwd / T,
                          "fwd_bwd_us_per_step": 1e6 * t_fb / T})
             print(f"  sLSTM {design:<30} {label:<24} fwd {1e3 * t_fwd:8.2f} ms ({1e6 * t_fwd / T:6.2f} us/step)  "
                   f"fwd+bwd {1e3 * t_fb:8.2f} ms ({1e6 * t_fb / T:6.2f} us/step)", flush=True)
@@ -422,7 +425,8 @@ def markdown(report: dict) -> str:
     for r in report["correctness"]:
         lines.append(f"| {r['kernel']} | {r['design']} | {r['shape']} | {r['dtype']} | {r['max_rel_err']:.2e} | "
                      f"{r['worst']} | {'yes' if r['pass'] else '**NO**'} |")
-    lines += ["", "## Kernel speed (median ms; bound = max(FLOPs / peak, bytes / bandwidth))", "",
+    lines += ["", "## Kernel speed (median ms; bound = max(FLOPs / peak, bytes / bandwidth); sLSTM: T x the per-step "
+              "estimate of kernels/README.md)", "",
               "| kernel | design | implementation | shape | fwd ms | fwd bound ms | x bound | fwd+bwd ms | "
               "fwd+bwd bound ms | x bound | us/step fwd | us/step fwd+bwd |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

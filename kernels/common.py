@@ -36,8 +36,6 @@ def mma(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
 
 
-
-
 def launch(kernel, tuned, grid, default: dict, *args, **constexprs):
     """Run `kernel` on `args`: under the interpreter with the `default` configuration, on a GPU with the one
     `tuned` (its `triton.autotune` wrapper) picked. grid(config) -> the launch grid."""

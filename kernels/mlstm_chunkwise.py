@@ -585,7 +585,8 @@ def _check(q, k, v, i, f, chunk_size):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
-def mlstm_chunkwise_triton(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64, **_):
+def mlstm_chunkwise_triton(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64,
+                           resets=None, **_):
     """`xlstm_hf.cells.mlstm_chunkwise` in Triton (same signature, shapes, semantics and gradients).
 
     q, k: (B, NH, T, DK); v: (B, NH, T, DV); i, f: (B, NH, T) gate pre-activations; any T >= 1.
@@ -593,6 +594,9 @@ def mlstm_chunkwise_triton(q, k, v, i, f, initial_state=None, output_final_state
     Returns (h (B, NH, T, DV) in v.dtype, final state or None).
     """
     _check(q, k, v, i, f, chunk_size)
+    if resets is not None:  # refused rather than ignored: the kernels have no document segments yet
+        raise NotImplementedError("the Triton mLSTM kernel does not take resets (packed documents) yet; "
+                                  "use xlstm_hf.cells.mlstm_chunkwise")
     B, NH, T, DK = q.shape
     DV = v.shape[-1]
     # Chunking does not change the function, only the work split: take the nearest chunk size the

@@ -199,6 +199,12 @@ def test_rejects_unsupported_arguments(bad):
         mlstm_chunkwise_triton(*xs, **kwargs)
 
 
+def test_refuses_resets_it_cannot_honour():
+    inputs, _, _ = make_inputs(1, 1, 8, 16, 16)
+    with pytest.raises(NotImplementedError, match="resets"):
+        mlstm_chunkwise_triton(*(x.float().to(DEVICE) for x in inputs), resets=torch.zeros(1, 8, dtype=torch.bool))
+
+
 def test_operators_pass_opcheck():
     """The kernels run inside registered operators (forward and backward, the backward registered as the
     forward's autograd): opcheck tests their schemas, fake (meta) implementations and autograd

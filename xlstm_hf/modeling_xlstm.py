@@ -263,22 +263,20 @@ class CausalConv1d(nn.Module):
         if window is None:
             window = x.new_zeros(x.shape[0], K - 1, x.shape[2])
         window = window.to(x.dtype)
-        if positions is not None:  # packed documents
-            y = self._shifted_sum(x, None if given is None else window, positions)
-            xw = torch.cat([window, x], dim=1)[:, -(K - 1):] if K > 1 else window
-            # the window entry s steps back from the last token belongs to its document where its position >= s
-            back = torch.arange(K - 2, -1, -1, device=x.device)
-            return y, xw * (positions[:, -1:] >= back)[..., None].to(x.dtype)
-        if T == 1:  # decode: one dot product per feature, no conv launch
+        if T == 1 and positions is None:  # decode: one dot product per feature, no conv launch
             xw = torch.cat([window, x], dim=1)  # (B, K, F)
             return torch.einsum("bkf,fk->bf", xw, self.weight[:, 0, :])[:, None] + self.bias, xw[:, 1:]
-        if fused_cpu(x, window, self.weight, self.bias):
+        if positions is None and fused_cpu(x, window, self.weight, self.bias):
             # no gradients (prefill) on CPU: the fused kernel, one pass over x and no concatenation
             y = torch.ops.xlstm_hf.causal_conv(x, None if given is None else window, self.weight, self.bias)
         else:
-            y = self._shifted_sum(x, None if given is None else window)
+            y = self._shifted_sum(x, None if given is None else window, positions)
         tail = x[:, max(T - (K - 1), 0):]  # the last min(T, K-1) inputs
-        return y, torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
+        window = torch.cat([window, tail], dim=1)[:, tail.shape[1]:]
+        if positions is not None:  # packed documents: keep the entries of the last token's document, those
+            back = torch.arange(K - 2, -1, -1, device=x.device)  # s steps back where its position is >= s
+            window = window * (positions[:, -1:] >= back)[..., None].to(x.dtype)
+        return y, window
 
     def _shifted_sum(self, x: torch.Tensor, window: torch.Tensor | None, positions=None) -> torch.Tensor:
         """y_t = bias + sum_s w_{K-1-s} x_{t-s} (x_{t-s} from the window where t < s, zero without one; with
