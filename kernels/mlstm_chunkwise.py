@@ -37,6 +37,12 @@ stored stab, to keep L x L work out of its sequential loop). The log-gate differ
 b_L - b_s are summed directly (segment sums, by reverse scans) rather than subtracted, which keeps them
 accurate when b is large (long chunks, extreme gates).
 
+Packed documents (resets) need nothing of their own: a document start is a forget gate of exactly zero,
+f~ = -inf, so log f = -inf there, and every log-gate sum that crosses it is -inf (the sums are never
+subtracted, so no -inf - -inf arises): the weights of earlier tokens, the carry of the state into later
+tokens and the decay of the state over the chunk are exactly zero, and their gradients too. The gradient
+of that f~ is dropped by the masked_fill in the wrapper.
+
 A sequence that is not a multiple of the chunk is padded inside the kernels by masked loads: i~ = -inf
 (the padded token is never written into the state) and log f = 0 (the state passes through unchanged), so
 the last chunk's state is the state after the last real token. Sequences no longer than one chunk use a
@@ -591,13 +597,16 @@ def mlstm_chunkwise_triton(q, k, v, i, f, initial_state=None, output_final_state
 
     q, k: (B, NH, T, DK); v: (B, NH, T, DV); i, f: (B, NH, T) gate pre-activations; any T >= 1.
     initial_state / returned state: (C (B, NH, DK, DV), n (B, NH, DK), m (B, NH)) in float32.
+    resets: (B, T) bool or None, True where a packed document starts (nothing before it is seen).
     Returns (h (B, NH, T, DV) in v.dtype, final state or None).
     """
     _check(q, k, v, i, f, chunk_size)
-    if resets is not None:  # refused rather than ignored: the kernels have no document segments yet
-        raise NotImplementedError("the Triton mLSTM kernel does not take resets (packed documents) yet; "
-                                  "use xlstm_hf.cells.mlstm_chunkwise")
     B, NH, T, DK = q.shape
+    if resets is not None:  # a document start is a forget gate of exactly zero (see the module docstring)
+        if resets.shape != (B, T) or resets.dtype != torch.bool:
+            raise ValueError(f"resets must be a bool tensor of shape (batch, length) = {(B, T)}, got "
+                             f"{tuple(resets.shape)} {resets.dtype}")
+        f = f.masked_fill(resets[:, None, :], float("-inf"))
     DV = v.shape[-1]
     # Chunking does not change the function, only the work split: take the nearest chunk size the
     # kernels support (tl.dot needs >= 16), and for a sequence within one chunk the smallest that holds it.

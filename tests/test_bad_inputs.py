@@ -44,10 +44,13 @@ def _packed():
     return {k: torch.as_tensor(v) for k, v in batch.items()}
 
 
-def _packed_flash():
+def _packed_flash(cu=None):
     batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(
         [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}])
-    return {k: torch.as_tensor(v) for k, v in batch.items()}
+    batch = {k: torch.as_tensor(v) for k, v in batch.items()}
+    if cu is not None:
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(cu, dtype=torch.int32)
+    return batch
 
 
 def _no_triton(tmp_path, monkeypatch):
@@ -73,10 +76,10 @@ API_CASES = [
          r"got the value 2\.0"),
     Case("mask of the wrong shape", lambda p: tiny_model()(_ids(), attention_mask=torch.ones(2, 5)), ValueError,
          r"attention_mask must have shape \(2, 6\), got \(2, 5\)"),
-    Case("packed rows (position_ids)", lambda p: tiny_model()(**_packed()), ValueError,
-         r"packed sequences \(position_ids restarting inside a row: .*DataCollatorWithFlattening.*not supported yet"),
-    Case("packed rows (cu_seq_lens)", lambda p: tiny_model()(**_packed_flash()), ValueError,
-         r"packed sequences \(cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k"),
+    Case("cu_seq_lens short of the row", lambda p: tiny_model()(**_packed_flash(cu=[0, 3, 4])), ValueError,
+         r"cu_seq_lens_q must rise from 0 to the row's length 5, got \[0, 3, 4\]"),
+    Case("packing inputs that disagree", lambda p: tiny_model()(**_packed(), cu_seq_lens_q=torch.tensor([0, 2, 5])),
+         ValueError, "cu_seq_lens and position_ids describe different packed documents"),
     Case("unknown keyword", lambda p: tiny_model()(_ids(), token_type_ids=torch.zeros(2, 6, dtype=torch.long)),
          TypeError, r"unexpected keyword arguments \['token_type_ids'\]"),
     Case("output_attentions", lambda p: tiny_model()(_ids(), output_attentions=True), ValueError,

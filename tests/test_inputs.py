@@ -1,11 +1,10 @@
-"""What the forward accepts and refuses: attention masks of 0/1 only, packed rows refused until packing is
-supported, unknown keywords refused, and a forward that reads no tensor value where that would be a
+"""What the forward accepts and refuses: attention masks of 0/1 only, position_ids that count up (packed rows
+are tests/test_packing.py's), unknown keywords refused, and a forward that reads no tensor value where that would be a
 data-dependent guard (torch.export) or a host sync (accelerators)."""
 
 import pytest
 import torch
 from conftest import tiny_model
-from transformers import DataCollatorWithFlattening
 
 
 def _ids(batch=2, length=10, seed=0):
@@ -43,24 +42,6 @@ def test_complex_mask_is_refused(model):
         model(_ids(), attention_mask=torch.ones(2, 10, dtype=torch.complex64))
 
 
-def _packed(features, **collator_kwargs):
-    batch = DataCollatorWithFlattening(**collator_kwargs)([{"input_ids": f} for f in features])
-    return {k: (torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def test_packed_batches_are_refused(model):
-    """DataCollatorWithFlattening's rows hold several documents: until packing is supported, both of its forms
-    raise instead of letting each document's state flow into the next."""
-    docs = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
-    for kwargs in (dict(), dict(return_flash_attn_kwargs=True, return_position_ids=False), dict(return_seq_idx=True)):
-        batch = _packed(docs, **kwargs)
-        with pytest.raises(ValueError, match="packed sequences .* not supported yet"):
-            model(**batch)
-    # the backbone refuses them too
-    with pytest.raises(ValueError, match="packed sequences"):
-        model.backbone(**{k: v for k, v in _packed(docs).items() if k != "labels"})
-
-
 def test_contiguous_position_ids_are_accepted(model):
     """position_ids that count up by one over the real tokens (as some callers pass them) change nothing;
     padded positions may hold anything (transformers' convention puts 1 there)."""
@@ -70,9 +51,8 @@ def test_contiguous_position_ids_are_accepted(model):
         expected = model(ids, attention_mask=mask).logits
         torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=positions).logits, expected,
                                    rtol=0, atol=0)
-        model(ids, position_ids=torch.arange(10).expand(2, 10) + 7)  # a continuation's positions
-    with pytest.raises(ValueError, match="position_ids restarting"):
-        model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]] * 2))
+        torch.testing.assert_close(model(ids, position_ids=torch.arange(10).expand(2, 10) + 7).logits,
+                                   model(ids).logits, rtol=0, atol=0)  # a continuation's positions
 
 
 def test_unknown_keywords_and_output_attentions_are_refused(model):

@@ -199,10 +199,22 @@ def test_rejects_unsupported_arguments(bad):
         mlstm_chunkwise_triton(*xs, **kwargs)
 
 
-def test_refuses_resets_it_cannot_honour():
-    inputs, _, _ = make_inputs(1, 1, 8, 16, 16)
-    with pytest.raises(NotImplementedError, match="resets"):
-        mlstm_chunkwise_triton(*(x.float().to(DEVICE) for x in inputs), resets=torch.zeros(1, 8, dtype=torch.bool))
+@pytest.mark.parametrize("chunk_size", [16, 32])
+def test_packed_documents_match_the_reference(chunk_size):
+    """resets (packed documents): documents start inside chunks, exactly at a chunk boundary (32), at the first
+    token of row 1 (dropping its initial state) and as one-token documents; outputs, final states and every
+    gradient against the float64 reference with the same resets."""
+    T = 45
+    inputs, state, weights = make_inputs(2, 2, T, 16, 24, seed=8)
+    resets = torch.zeros(2, T, dtype=torch.bool)
+    resets[0, [3, 4, 19, 32, 40]] = True
+    resets[1, [0, 16, 17, 44]] = True
+    ref = run(mlstm_chunkwise, inputs, state, weights, torch.float64, chunk_size=chunk_size, resets=resets)
+    got = run(mlstm_chunkwise_triton, inputs, state, weights, torch.float32, chunk_size=chunk_size,
+              resets=resets.to(DEVICE))
+    assert_matches(got, ref, TOL, state)
+    plain = run(mlstm_chunkwise_triton, inputs, state, weights, torch.float32, chunk_size=chunk_size)
+    assert rel_err(plain[0], ref[0]) > 1e-3  # the resets matter
 
 
 def test_operators_pass_opcheck():

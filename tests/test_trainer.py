@@ -674,3 +674,47 @@ def test_trainer_with_torch_compile_equals_eager(tmp_path):
     assert len(compiled) == len(eager) == 6
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 5, graphs
+
+
+def test_trainer_with_flattened_batches_equals_padded_batches(tmp_path, design):
+    """Trainer with transformers' DataCollatorWithFlattening (padding-free: each batch one row of whole documents,
+    position_ids restarting) reaches the same weights as the same documents right-padded one per row
+    (DataCollatorForLanguageModeling's padding, attention_mask and labels -100 there): two SGD steps in float64
+    over documents of 3-23 tokens. Both runs predict the same tokens (each document's tokens after its first),
+    so the losses, gradients and updates agree up to rounding. Control: the flattened row without its
+    position_ids lets each document's state flow into the next and ends elsewhere."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening
+    from transformers import PreTrainedTokenizerFast
+
+    gen = torch.Generator().manual_seed(3)
+    lengths = [3, 17, 9, 23, 5, 11, 4, 15]
+    docs = Dataset.from_dict({"input_ids": [torch.randint(1, 97, (n,), generator=gen).tolist() for n in lengths]})
+
+    class Padder(DataCollatorForLanguageModeling):  # right padding with id 0, labels -100 at padding
+        def __init__(self):
+            from tokenizers import Tokenizer, models
+
+            tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                          pad_token="<pad>")
+            super().__init__(tokenizer=tok, mlm=False)
+
+    flattening = DataCollatorWithFlattening()
+
+    def without_positions(features):
+        batch = flattening(features)
+        del batch["position_ids"]
+        return batch
+
+    def run(collator):
+        model = tiny_model(design=design, dtype=torch.float64).train()
+        args = trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=2, optim="sgd", learning_rate=0.05,
+                            lr_scheduler_type="constant", max_grad_norm=0.0, train_sampling_strategy="sequential",
+                            remove_unused_columns=False)
+        Trainer(model=model, args=args, train_dataset=docs, data_collator=collator).train()
+        return params(model)
+
+    start = params(tiny_model(design=design, dtype=torch.float64))
+    padded, flat, leaking = run(Padder()), run(flattening), run(without_positions)
+    assert max_diff(padded, start) > 0.05
+    assert max_diff(flat, padded) < 1e-10
+    assert max_diff(leaking, padded) > 1e-3

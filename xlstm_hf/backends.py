@@ -65,7 +65,8 @@ def mlstm_step_cpu(q, k, v, i, f, state, eps=1e-6):
     return mlstm_step(q, k, v, i, f, state, eps, fused_update=_fused_state_update)
 
 
-def mlstm_chunkwise_training(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64, **_):
+def mlstm_chunkwise_training(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64,
+                             resets=None):
     """`cells.mlstm_chunkwise`, whose backward over several chunks recomputes each chunk from the states
     kept at every ceil(sqrt(chunks))-th chunk boundary (`cells.mlstm_chunkwise_recompute`): training keeps
     the inputs and a few states instead of every chunk's state and weights (125M model, T=512: ~1.2 MB
@@ -73,8 +74,9 @@ def mlstm_chunkwise_training(q, k, v, i, f, initial_state=None, output_final_sta
     (and inference) takes the plain loop: from a zero state without a final one, that is the parallel
     form, with no state to keep at all (small models, B=64, T=64: 1.6x faster than the recomputing form)."""
     if q.shape[-2] <= chunk_size:
-        return mlstm_chunkwise(q, k, v, i, f, initial_state, output_final_state, eps, chunk_size)
-    return mlstm_chunkwise_recompute(q, k, v, i, f, initial_state, output_final_state, eps, chunk_size, state_every=None)
+        return mlstm_chunkwise(q, k, v, i, f, initial_state, output_final_state, eps, chunk_size, resets=resets)
+    return mlstm_chunkwise_recompute(q, k, v, i, f, initial_state, output_final_state, eps, chunk_size,
+                                     state_every=None, resets=resets)
 
 
 TORCH_OPS = {

@@ -607,3 +607,58 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
     out = torch.stack(outputs, dim=0).permute(2, 0, 1, 3).to(out_dtype)  # (B, T, NH, DH)
     final = tuple(s.transpose(0, 1) for s in (h, c, n, m)) if output_final_state else None
     return out, final
+
+
+# Packed rows for the sequential sLSTM. A row of packed documents is a chain of T steps, so B = 1 rows of
+# N tokens (DataCollatorWithFlattening) would be N sequential steps of one row each. Laid out as one
+# document per row, right-padded, the same work is max(document length) steps over D rows, and every
+# backend runs it unchanged: its padding mask (a padded step keeps the state) and initial states do the rest.
+
+
+def documents_as_rows(resets: torch.Tensor, mask: torch.Tensor | None):
+    """The layout of packed rows with one document per row: resets (B, T) bool, True where a document starts
+    (a row's first position always starts one); mask (B, T) bool or None, False = padding.
+
+    Returns (gather (D, L) long, valid (D, L) bool, scatter (B * T,) long, first (D,) long or -1, last (B,) long):
+    document d's step l is flat token gather[d, l] of (B * T) (where valid); token j of (B * T) is flat
+    entry scatter[j] of (D * L); first[d] is the row whose initial state document d continues (-1: none, it
+    starts from zero); last[b] is the document whose final state is row b's. Reads D and L on the host."""
+    B, T = resets.shape
+    starts = resets.clone()
+    starts[:, 0] = True
+    flat = starts.reshape(-1)
+    doc = flat.cumsum(0) - 1  # (B * T,) each token's document
+    begin = torch.nonzero(flat).squeeze(1)  # (D,) each document's first flat token
+    lengths = torch.diff(begin, append=begin.new_tensor([B * T]))
+    D, L = begin.numel(), int(lengths.max())
+    offset = torch.arange(B * T, device=resets.device) - begin[doc]
+    steps = torch.arange(L, device=resets.device)
+    valid = steps < lengths[:, None]
+    gather = (begin[:, None] + steps).clamp_max(B * T - 1)
+    if mask is not None:
+        valid = valid & mask.reshape(-1)[gather]
+    row_start = torch.arange(B, device=resets.device) * T
+    first = torch.where(resets.reshape(-1)[begin], -1, begin // T)  # a row's first document, unless it resets
+    last = doc[row_start + T - 1]
+    return gather, valid, doc * L + offset, first, last
+
+
+def slstm_by_document(slstm, x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None,
+                      resets=None):
+    """`slstm(x, recurrent_kernel, bias, initial_state, output_final_state, mask)` (any backend's sLSTM, the
+    signature of `slstm_recurrent`) on packed rows with `resets` (B, T) bool: the same function as
+    `slstm_recurrent(..., resets=resets)`, computed one document per row (`documents_as_rows`). A row's
+    first document continues the row's initial state (unless it is reset too); the final state of a row is
+    that of its last document."""
+    B, T, NH, G, DH = x.shape
+    gather, valid, scatter, first, last = documents_as_rows(_check_resets(resets, B, T), mask)
+    D, L = gather.shape
+    xs = x.reshape(B * T, NH, G, DH)[gather.reshape(-1)].view(D, L, NH, G, DH)
+    state = None
+    if initial_state is not None:
+        zero = slstm_zero_state(1, NH, DH, x.device, initial_state[0].dtype)
+        continues = (first >= 0)[:, None, None]
+        state = tuple(torch.where(continues, s[first.clamp_min(0)], z) for s, z in zip(initial_state, zero))
+    h, final = slstm(xs, recurrent_kernel, bias, state, output_final_state, valid)
+    out = h.reshape(D * L, NH, DH)[scatter].view(B, T, NH, DH)
+    return out, (tuple(s[last] for s in final) if output_final_state else None)

@@ -21,6 +21,7 @@ convolutions as zeros, which is exactly "absent" for left padding (the padding `
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .backends import compile_enabled, decode_call, fused_cpu, get_ops, linear
+from .cells import slstm_by_document, slstm_recurrent
 from .configuration_xlstm import xLSTMConfig
 
 try:  # model cards and Hub uploads where xlstm_hf is installed; an absolute import, which save_pretrained does
@@ -56,32 +58,110 @@ PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
-def refuse_unsupported_inputs(position_ids, attention_mask, kwargs: dict) -> None:
-    """Raise for inputs the model cannot honour instead of ignoring them: packed sequences (position_ids that
-    restart inside a row, or the collator's cu_seq_lens_*/max_length_*/seq_idx), output_attentions, and
-    unknown keywords. position_ids that count up by one over the real tokens carry nothing a recurrent
-    model needs and are accepted."""
-    packed = [name for name in PACKING_KWARGS if kwargs.get(name) is not None]
-    if position_ids is not None and not packed:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            packed = ["position_ids"]  # cannot be checked in a traced graph
-        else:  # read on the host: a sync on accelerators, paid only by callers that pass position_ids
-            steps = position_ids.diff(dim=-1) != 1
-            if attention_mask is not None and attention_mask.shape == position_ids.shape:
-                real = attention_mask != 0
-                steps &= real[..., 1:] & real[..., :-1]  # a padded neighbour may have any position id
-            if steps.any():
-                packed = ["position_ids restarting inside a row"]
-    if packed:
-        raise ValueError(
-            f"packed sequences ({', '.join(packed)}: several documents in one row, as DataCollatorWithFlattening "
-            "makes them) are not supported yet: each document's recurrent state would flow into the next. Pad "
-            "the batch instead (e.g. DataCollatorForLanguageModeling, with attention_mask)")
+def refuse_unsupported_inputs(kwargs: dict) -> None:
+    """Raise for inputs the model cannot honour instead of ignoring them: output_attentions and unknown keywords."""
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True: xLSTM has no attention weights to return")
-    unknown = sorted(set(kwargs) - set(PACKING_KWARGS) - {"output_attentions"})
+    unknown = sorted(set(kwargs) - set(PACKING_KWARGS) - {"output_attentions", "_resets"})
     if unknown:
         raise TypeError(f"forward() got unexpected keyword arguments {unknown}")
+
+
+def document_starts(position_ids, kwargs: dict, mask, batch: int, length: int, has_state: bool):
+    """Where packed documents start: a (B, T) bool, True at the first token of a document whose state must not
+    flow in from before it, or None where there is none.
+
+    Sources, as transformers' packing collators give them (DataCollatorWithFlattening): `cu_seq_lens_q`/`_k`
+    (D + 1,) cumulative document lengths of a single row; `seq_idx` (B, T) the document of each token;
+    `position_ids` (B, T): a document starts where a real token's position does not continue the previous
+    real token's (+1), e.g. restarts at 0. At a row's first real token, a start matters only when a state
+    is carried in (`has_state`: a cache that has seen tokens); there it is cu_seq_lens (which always start a
+    document at 0), or position 0. Padding (mask False) never starts a document. Eagerly, the sources are
+    checked to agree and None is returned when nothing starts (a host sync on accelerators, paid only by
+    callers that pass these inputs, as flash-attention's packing pays it); while tracing, the starts are
+    returned as they are."""
+    sources = {}
+    cu = {name: kwargs[name] for name in ("cu_seq_lens_q", "cu_seq_lens_k") if kwargs.get(name) is not None}
+    if cu:
+        starts = _starts_from_cu_seq_lens(cu, batch, length)
+        starts[:, 0] &= has_state  # (the row's first document: a start only where a state is carried in)
+        sources["cu_seq_lens"] = starts if mask is None else starts & mask
+    if kwargs.get("seq_idx") is not None:
+        seq_idx = _check_per_token("seq_idx", kwargs["seq_idx"], batch, length)
+        sources["seq_idx"] = _starts_where(lambda now, before: now != before, seq_idx, mask, has_state, None)
+    if position_ids is not None:
+        position_ids = _check_per_token("position_ids", position_ids, batch, length)
+        sources["position_ids"] = _starts_where(lambda now, before: now != before + 1, position_ids, mask,
+                                                has_state, position_ids == 0)
+    if not sources:
+        return None
+    (name, starts), *others = sources.items()
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return starts  # (the packed path, which is exact also where nothing starts)
+    for other, more in others:
+        if not torch.equal(starts, more):
+            raise ValueError(f"{name} and {other} describe different packed documents")
+    return starts if starts.any() else None
+
+
+class Documents(NamedTuple):
+    """Packed documents in the rows of a forward: `resets` (B, T) bool, True where a document starts (see
+    `document_starts`), and `positions` (B, T) long, each token's position in its document (tokens before a
+    row's first start continue what came before: a position of 2^30 + t), which the causal convs need."""
+
+    resets: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def of(cls, resets: torch.Tensor | None) -> "Documents | None":
+        if resets is None:
+            return None
+        index = torch.arange(resets.shape[1], device=resets.device)
+        begin = torch.where(resets, index, -(1 << 30)).cummax(-1).values
+        return cls(resets, index - begin)
+
+
+def _check_per_token(name, ids, batch, length):
+    if ids.dim() == 1 and batch == 1:
+        ids = ids[None]
+    if ids.shape != (batch, length) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of shape ({batch}, {length}), got "
+                         f"{tuple(ids.shape)} {ids.dtype}")
+    return ids
+
+
+def _starts_where(differs, ids, mask, has_state, first_starts):
+    """Document starts from per-token ids: at real tokens t where `differs(ids_t, ids_p)` for the previous real
+    token p in the row; at a row's first real token, where `first_starts` (B, T) says so and a state is carried in."""
+    B, T = ids.shape
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
+    index = torch.arange(T, device=ids.device).expand(B, T)
+    # the previous real token of each position: a running max of the real positions, shifted by one
+    previous = torch.where(real, index, -1).cummax(-1).values
+    previous = torch.cat([previous.new_full((B, 1), -1), previous[:, :-1]], dim=1)
+    starts = real & (previous >= 0) & differs(ids, ids.gather(1, previous.clamp_min(0)))
+    if has_state and first_starts is not None:
+        starts = starts | (real & (previous < 0) & first_starts)
+    return starts
+
+
+def _starts_from_cu_seq_lens(cu: dict, batch: int, length: int):
+    """Document starts of one packed row from the collator's cumulative lengths (D + 1,): 0, l_1, l_1 + l_2, ..., T."""
+    if len(cu) == 2 and not (cu["cu_seq_lens_q"].shape == cu["cu_seq_lens_k"].shape
+                             and torch.equal(cu["cu_seq_lens_q"], cu["cu_seq_lens_k"])):
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: a causal LM's queries and keys are the same tokens")
+    name, lengths = next(iter(cu.items()))
+    if batch != 1:
+        raise ValueError(f"{name} describes one packed row (as DataCollatorWithFlattening makes it), got a batch of "
+                         f"{batch} rows: pass position_ids or seq_idx for several packed rows")
+    if lengths.dim() != 1 or lengths.is_floating_point() or lengths.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D integer tensor (0, l_1, l_1 + l_2, ..., {length}), got "
+                         f"{tuple(lengths.shape)} {lengths.dtype}")
+    if reads_values(lengths) and not (lengths[0] == 0 and lengths[-1] == length and (lengths.diff() >= 0).all()):
+        raise ValueError(f"{name} must rise from 0 to the row's length {length}, got {lengths.tolist()}")
+    starts = torch.zeros(1, length + 1, dtype=torch.bool, device=lengths.device)
+    starts[0, lengths[:-1].long()] = True
+    return starts[:, :length]
 
 
 def _one_cache(cache, past_key_values):
@@ -353,12 +433,13 @@ class GateLinear(nn.Linear):
             init.constant_(self.bias, float(self.bias_init))
 
 
-def run_mlstm_cell(config: xLSTMConfig, q, k, v, i, f, state: dict, mask, output_state: bool):
+def run_mlstm_cell(config: xLSTMConfig, q, k, v, i, f, state: dict, mask, output_state: bool, resets=None):
     """The mLSTM cell of both designs, through the configured kernel backend.
 
     q, k: (B, T, NH * DK); v: (B, T, NH * DV); i, f: (B, T, NH) gate pre-activations; state: {"C", "n", "m"}
     or empty; mask: (B, T) bool or None (a padded step is an identity update: nothing written, nothing
-    forgotten). Returns (h (B, T, NH, DV), {"C", "n", "m"} or None). Decoding (T = 1 with a state) takes
+    forgotten); resets: (B, T) bool or None, True where a packed document starts (nothing before it is
+    seen: a forget gate of exactly zero). Returns (h (B, T, NH, DV), {"C", "n", "m"} or None). Decoding (T = 1 with a state) takes
     the step form; a whole sequence the configured form (`mlstm_mode`), chunkwise when a state is read or written.
     """
     B, T, _ = q.shape
@@ -371,13 +452,16 @@ def run_mlstm_cell(config: xLSTMConfig, q, k, v, i, f, state: dict, mask, output
     previous = (state["C"], state["n"], state["m"]) if "C" in state else None
     ops = get_ops(config.kernel_backend, q.device)
     if T == 1 and previous is not None:  # decode
+        if resets is not None:  # log sigmoid(-inf) = -inf: the step forgets the state exactly
+            f = f.masked_fill(resets[:, None], float("-inf"))
         h, cell_state = ops["mlstm_step"](q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], previous, config.mlstm_eps)
         h = h.to(v.dtype)[:, :, None]
     else:
         # the parallel form has no state in or out; with a state to read or write, chunkwise is used
         form = config.mlstm_mode if previous is None and not output_state else "chunkwise"
         h, cell_state = ops[f"mlstm_{form}"](q, k, v, i, f, initial_state=previous, output_final_state=output_state,
-                                             eps=config.mlstm_eps, chunk_size=config.chunk_size)
+                                             eps=config.mlstm_eps, chunk_size=config.chunk_size,
+                                             **({} if resets is None else {"resets": resets}))
     h = h.transpose(1, 2)
     return h, (dict(zip("Cnm", cell_state)) if output_state else None)
 
@@ -425,23 +509,23 @@ class mLSTMLayer(nn.Module):
         return (linear(q, wq) + linear(k, wk) + linear(v, wv, bias)).chunk(2, dim=-1)
 
     def forward(self, x: torch.Tensor, state: dict | None = None, mask: torch.Tensor | None = None,
-                output_state: bool = False):
-        """x: (B, T, H); state: {"conv", "C", "n", "m"} or None; mask: (B, T) bool or None.
-
-        Returns (y (B, T, H), new state or None).
+                output_state: bool = False, documents: "Documents | None" = None):
+        """x: (B, T, H); state: {"conv", "C", "n", "m"} or None; mask: (B, T) bool or None; documents: where
+        packed documents start, or None. Returns (y (B, T, H), new state or None).
         """
         state = state or {}
+        resets, positions = documents or (None, None)
         x_mlstm, z = self.up_proj(x).chunk(2, dim=-1)
         conv_in = x_mlstm if mask is None else x_mlstm * mask[..., None].to(x_mlstm.dtype)
         window = None
         if self.conv is not None:
-            conv_out, window = self.conv(conv_in, state.get("conv"))
+            conv_out, window = self.conv(conv_in, state.get("conv"), positions)
         else:
             conv_out = conv_in
         x_conv = F.silu(conv_out)
         q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
         i, f = self.gate_preactivations(q, k, v)
-        h, cell_state = run_mlstm_cell(self.config, q, k, v, i, f, state, mask, output_state)
+        h, cell_state = run_mlstm_cell(self.config, q, k, v, i, f, state, mask, output_state, resets)
         if torch.is_grad_enabled():
             # recomputed in the backward from h, x_conv and z, which autograd keeps anyway: its three
             # (B, T, I) intermediates are not kept (~18 kB per token and block in float32), for a few
@@ -502,14 +586,16 @@ class sLSTMLayer(nn.Module):
         init.copy_(self.bias, bias)
 
     def forward(self, x: torch.Tensor, state: dict | None = None, mask: torch.Tensor | None = None,
-                output_state: bool = False):
-        """x: (B, T, H); state: {"conv", "h", "c", "n", "m"} or None. Returns (y (B, T, H), new state or None)."""
+                output_state: bool = False, documents: "Documents | None" = None):
+        """x: (B, T, H); state: {"conv", "h", "c", "n", "m"} or None; mask, documents as in mLSTMLayer.
+        Returns (y (B, T, H), new state or None)."""
         B, T, H = x.shape
         state = state or {}
+        resets, positions = documents or (None, None)
         window = None
         if self.conv is not None:
             conv_in = x if mask is None else x * mask[..., None].to(x.dtype)
-            x_conv, window = self.conv(conv_in, state.get("conv"))
+            x_conv, window = self.conv(conv_in, state.get("conv"), positions)
             x_conv = F.silu(x_conv)
         else:
             x_conv = x
@@ -517,7 +603,14 @@ class sLSTMLayer(nn.Module):
         gates = gates.view(B, T, 4, self.num_heads, self.head_dim).transpose(2, 3)  # (B, T, NH, 4, DH)
         previous = tuple(state[key] for key in "hcnm") if "h" in state else None
         slstm = get_ops(self.config.kernel_backend, x.device)["slstm"]
-        h, cell_state = slstm(gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
+        args = (gates, self.recurrent_kernel, self.bias, previous, output_state, mask)
+        if resets is None:
+            h, cell_state = slstm(*args)
+        elif T == 1 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # (one step, or shapes that cannot depend on the documents: the reference, which resets in place)
+            h, cell_state = slstm_recurrent(*args, resets=resets)
+        else:  # packed rows as one document per row: fewer sequential steps, and any backend takes them
+            h, cell_state = slstm_by_document(slstm, *args, resets=resets)
         y = self.group_norm(self.dropout(h))
         if not output_state:
             return y, None
@@ -554,8 +647,8 @@ class mLSTMBlock(GradientCheckpointingLayer):
         self.norm = LayerNorm(config.hidden_size, config.norm_eps)
         self.mlstm = mLSTMLayer(config)
 
-    def forward(self, x, state=None, mask=None, output_state=False):
-        y, state = self.mlstm(self.norm(x), state, mask, output_state)
+    def forward(self, x, state=None, mask=None, output_state=False, documents=None):
+        y, state = self.mlstm(self.norm(x), state, mask, output_state, documents)
         return x + y, state
 
 
@@ -569,8 +662,8 @@ class sLSTMBlock(GradientCheckpointingLayer):
         self.ffn_norm = LayerNorm(config.hidden_size, config.norm_eps)
         self.ffn = GatedFeedForward(config)
 
-    def forward(self, x, state=None, mask=None, output_state=False):
-        y, state = self.slstm(self.norm(x), state, mask, output_state)
+    def forward(self, x, state=None, mask=None, output_state=False, documents=None):
+        y, state = self.slstm(self.norm(x), state, mask, output_state, documents)
         x = x + y
         return x + self.ffn(self.ffn_norm(x)), state
 
@@ -597,15 +690,16 @@ class mLSTMLargeLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, state: dict | None = None, mask: torch.Tensor | None = None,
-                output_state: bool = False):
-        """x: (B, T, H); state: {"C", "n", "m"} or None; mask: (B, T) bool or None.
+                output_state: bool = False, documents: "Documents | None" = None):
+        """x: (B, T, H); state: {"C", "n", "m"} or None; mask, documents as in mLSTMLayer.
 
         Returns (y (B, T, H), new state or None).
         """
         cap = self.config.gate_soft_cap
         i, f = soft_cap(self.igate(x), cap), soft_cap(self.fgate(x), cap)
         h, cell_state = run_mlstm_cell(self.config, self.q_proj(x), self.k_proj(x), self.v_proj(x), i, f,
-                                       state or {}, mask, output_state)
+                                       state or {}, mask, output_state,
+                                       None if documents is None else documents.resets)
         y = self.dropout(self.down_proj(torch.sigmoid(self.ogate(x)) * self.out_norm(h)))
         return y, cell_state
 
@@ -620,8 +714,8 @@ class mLSTMLargeBlock(GradientCheckpointingLayer):
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps, bias=config.use_bias)
         self.ffn = GatedFeedForward(config)
 
-    def forward(self, x, state=None, mask=None, output_state=False):
-        y, state = self.mlstm(self.norm(x), state, mask, output_state)
+    def forward(self, x, state=None, mask=None, output_state=False, documents=None):
+        y, state = self.mlstm(self.norm(x), state, mask, output_state, documents)
         x = x + y
         return x + self.ffn(self.ffn_norm(x)), state
 
@@ -763,9 +857,14 @@ class xLSTMModel(xLSTMPreTrainedModel):
     ) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, H); attention_mask (B, T) or (B, past + T) with 1 for real
         tokens and 0 for padding; cache (or its old name past_key_values): an `xLSTMCache` to continue from
-        (always advanced in place; returned when `use_cache`). position_ids are not needed (accepted when they
-        count up by one; packed rows are refused, see `refuse_unsupported_inputs`)."""
-        refuse_unsupported_inputs(position_ids, attention_mask, kwargs)
+        (always advanced in place; returned when `use_cache`).
+
+        Packed rows (several documents in one row, as DataCollatorWithFlattening makes them): `position_ids`
+        that restart (or `seq_idx`, or `cu_seq_lens_q`/`cu_seq_lens_k` for one row) say where documents start
+        (`document_starts`), and every recurrent state and conv window starts afresh there: each document
+        computes what it computes alone. A returned cache holds each row's last document. position_ids that
+        count up by one carry nothing a recurrent model needs."""
+        refuse_unsupported_inputs(kwargs)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
@@ -796,12 +895,15 @@ class xLSTMModel(xLSTMPreTrainedModel):
                 raise ValueError(f"the cache holds {len(cache)} blocks, the model has {len(self.blocks)}")
             if cache.batch_size is not None and cache.batch_size != B:
                 raise ValueError(f"the cache has batch size {cache.batch_size}, the input has {B}")
-        mask = self._padding_mask(attention_mask, B, T, cache.get_seq_length() if cache is not None else 0)
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = self._padding_mask(attention_mask, B, T, past)
+        resets = kwargs.pop("_resets") if "_resets" in kwargs else document_starts(position_ids, kwargs, mask, B, T, past > 0)
         segment = self._prefill_segment(B, T, output_hidden_states)
         if segment:  # a long prefill, segment by segment through a cache (see _prefill_segment)
             cache = cache if cache is not None else xLSTMCache(self.config)
+            part = lambda t, s: None if t is None else t[:, s:s + segment]  # noqa: E731
             hidden = torch.cat([self(inputs_embeds=inputs_embeds[:, s:s + segment], cache=cache, use_cache=True,
-                                     attention_mask=None if mask is None else mask[:, s:s + segment],
+                                     attention_mask=part(mask, s), _resets=part(resets, s),
                                      return_dict=True).last_hidden_state for s in range(0, T, segment)], dim=1)
             out_cache = cache if use_cache else None
             if not return_dict:
@@ -812,13 +914,15 @@ class xLSTMModel(xLSTMPreTrainedModel):
         all_hidden = (hidden,) if output_hidden_states else None
         # A cache that is passed in is read and advanced (its states are handed to the cells, which may
         # update them in place), whether or not it is also returned (use_cache).
-        compiled = T == 1 and cache is not None and mask is None and inference_compiled(self, hidden.device, self.blocks)
+        documents = Documents.of(resets)
+        compiled = (T == 1 and cache is not None and mask is None and documents is None
+                    and inference_compiled(self, hidden.device, self.blocks))
         for j, block in enumerate(self.blocks):
             state = cache.states[j] if cache is not None else None
             # (blocks are called directly when not compiling our decode step: under a user's torch.compile,
             # one shared decode_call frame would be re-specialised for every block type and length)
             args = (hidden, state, mask, cache is not None)
-            hidden, new_state = decode_call(True, block, *args) if compiled else block(*args)
+            hidden, new_state = decode_call(True, block, *args) if compiled else block(*args, documents=documents)
             if cache is not None:  # (dense: the compiled decode step sees one layout, after a prefill or a step)
                 cache.states[j] = {k: v if v is None else dense(v) for k, v in new_state.items()}
             if output_hidden_states:
