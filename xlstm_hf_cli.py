@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=8, metavar="B",
                     help="blocks per forward pass (default: %(default)s)")
     tr.add_argument("--block-size", type=int, default=128, metavar="T", help="tokens per block (default: %(default)s)")
+    tr.add_argument("--pack", action="store_true",
+                    help="keep documents apart: pack whole files into blocks with exact state resets between them "
+                         "(a file longer than a block is cut into block-sized pieces, each trained from a fresh "
+                         "state) instead of one concatenated stream")
     tr.add_argument("--lr", type=float, default=1e-3,
                     help="peak learning rate of AdamW, cosine schedule (default: %(default)s)")
     tr.add_argument("--warmup-steps", type=float, default=0.1, metavar="W",

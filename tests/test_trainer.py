@@ -27,7 +27,15 @@ import xlstm_hf  # noqa: F401  (registers the Auto classes)
 from xlstm_hf import cli, xLSTMForCausalLM
 from xlstm_hf.demo import SHAKESPEARE_PATH
 from xlstm_hf.tokenization import load_gpt2_tokenizer
-from xlstm_hf.train import MatrixDecayTrainer, TrainResult, check_vocab, text_dataset, text_files, train
+from xlstm_hf.train import (
+    MatrixDecayTrainer,
+    TrainResult,
+    check_vocab,
+    pack_documents,
+    text_dataset,
+    text_files,
+    train,
+)
 
 #: tiny_config overrides for a tiny model with the real GPT-2 vocabulary (padded to 50304)
 REAL_VOCAB = dict(vocab_size=50304, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256, hidden_size=32,
@@ -537,12 +545,13 @@ def test_train_command_passes_its_options(monkeypatch, tmp_path, text_file):
     monkeypatch.setattr(train_module, "train", fake_train)
     argv = ["train", str(text_file), str(text_file.parent), "--output-dir", str(tmp_path / "o"), "--max-steps", "3",
             "--epochs", "2", "--batch-size", "4", "--block-size", "64", "--lr", "3e-4", "--grad-accum", "2", "--bf16",
-            "--gradient-checkpointing", "--seed", "7", "--config-overrides", '{"dropout": 0.1}', "--save-steps", "2"]
+            "--gradient-checkpointing", "--seed", "7", "--config-overrides", '{"dropout": 0.1}', "--save-steps", "2",
+            "--pack"]
     assert cli.main(argv) == 0
     (data, output_dir, kwargs), = calls
     assert data == [str(text_file), str(text_file.parent)] and output_dir == str(tmp_path / "o")
     expected = dict(model=None, max_steps=3, epochs=2.0, batch_size=4, block_size=64, lr=3e-4, grad_accum=2, bf16=True,
-                    gradient_checkpointing=True, seed=7, config_overrides={"dropout": 0.1}, save_steps=2)
+                    gradient_checkpointing=True, seed=7, config_overrides={"dropout": 0.1}, save_steps=2, packing=True)
     assert {key: kwargs[key] for key in expected} == expected
 
 
@@ -718,3 +727,70 @@ def test_trainer_with_flattened_batches_equals_padded_batches(tmp_path, design):
     assert max_diff(padded, start) > 0.05
     assert max_diff(flat, padded) < 1e-10
     assert max_diff(leaking, padded) > 1e-3
+
+
+def test_pack_documents_keeps_every_piece_apart(design):
+    """`pack_documents`: documents longer than a block become block-sized pieces, every piece lands whole in one
+    row (best fit: 7 rows for these 212 tokens in blocks of 32, the fewest possible), labels are -100 at each
+    piece's first token and at padding, position_ids restart per piece; and a packed row's loss is the pieces'
+    losses taken alone (float64), so no piece sees another."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [70, 3, 31, 12, 9, 20, 1, 32, 17, 5, 12]
+    docs = [torch.randint(1, 97, (n,), generator=gen).tolist() for n in lengths]
+    rows = pack_documents(docs, 32)
+    assert len(rows) == 7 and all(len(r) == 32 for r in rows["input_ids"])
+    pieces = []
+    for ids, mask, pos, labels in zip(rows["input_ids"], rows["attention_mask"], rows["position_ids"], rows["labels"]):
+        real = sum(mask)
+        assert mask == [1] * real + [0] * (32 - real) and labels[real:] == [-100] * (32 - real)
+        starts = [t for t in range(real) if pos[t] == 0] + [real]
+        for a, b in zip(starts, starts[1:]):
+            assert pos[a:b] == list(range(b - a)) and labels[a] == -100 and labels[a + 1:b] == ids[a + 1:b]
+            pieces.append(ids[a:b])
+    want = [d[s:s + 32] for d in docs for s in range(0, len(d), 32) if len(d[s:s + 32]) >= 2]
+    assert sorted(pieces) == sorted(want)  # every piece once (the 1-token document predicts nothing: dropped)
+
+    model = tiny_model(design=design, dtype=torch.float64).train()  # (training: the loss in float64)
+    batch = {k: torch.tensor(v) for k, v in rows[:2].items()}
+    loss = model(**batch).loss
+    count, total = 0, 0.0
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        for a, b in ((a, b) for a, b in _spans(labels)):
+            piece = ids[a:b][None]
+            total = total + model(piece, labels=piece).loss * (b - a - 1)
+            count += b - a - 1
+    assert abs(loss.item() - total.item() / count) < 1e-12
+
+
+def _spans(labels):
+    """(start, end) of the pieces of a packed row, from its labels (-100 at a piece's first token and at padding)."""
+    labels = labels.tolist()
+    real = max(t for t, label in enumerate(labels) if label != -100) + 1
+    starts = [t for t in range(real) if labels[t] == -100] + [real]
+    return list(zip(starts, starts[1:]))
+
+
+def test_text_dataset_packs_whole_files(tmp_path, tokenizer):
+    """text_dataset(packing=True): every file is a document (with its eos), none is dropped or runs into another;
+    the pieces of both splits together are exactly the documents cut into blocks."""
+    text = SHAKESPEARE_PATH.read_text(encoding="utf-8")
+    (tmp_path / "a.txt").write_text(text[:3000], encoding="utf-8")
+    (tmp_path / "b.txt").write_text(text[5000:5400], encoding="utf-8")
+    data = text_dataset(tmp_path, tokenizer, 64, eval_fraction=0.2, packing=True)
+    pieces = []
+    for split in ("train", "validation"):
+        for ids, labels in zip(data[split]["input_ids"], data[split]["labels"]):
+            pieces += [ids[a:b] for a, b in _spans(torch.tensor(labels))]
+    docs = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in (text[:3000], text[5000:5400])]
+    want = [d[s:s + 64] for d in docs for s in range(0, len(d), 64)]
+    assert sorted(pieces) == sorted(want)
+    assert len(data["validation"]) >= 1 and set(data["train"].column_names) >= {"position_ids", "attention_mask"}
+
+
+def test_train_command_packs_and_reports_real_tokens_per_second(text_file, tmp_path, capsys):
+    out = tmp_path / "packed-run"
+    argv = ["train", str(text_file), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2",
+            "--block-size", "64", "--pack", "--config-overrides", json.dumps(TINY_OVERRIDES)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "rows of packed documents of 64 tokens" in printed and "real tokens/s" in printed

@@ -611,36 +611,50 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
 
 # Packed rows for the sequential sLSTM. A row of packed documents is a chain of T steps, so B = 1 rows of
 # N tokens (DataCollatorWithFlattening) would be N sequential steps of one row each. Laid out as one
-# document per row, right-padded, the same work is max(document length) steps over D rows, and every
-# backend runs it unchanged: its padding mask (a padded step keeps the state) and initial states do the rest.
+# document per row, right-padded, the same work takes as many steps as the longest document, and every
+# backend runs it unchanged: its padding mask (a padded step keeps the state) and initial states do the
+# rest. Documents are grouped by length (lengths in (2^(k-1), 2^k] share a group, padded to its longest),
+# so that one long document does not pad every short one to its length: padded steps stay below the real
+# ones, and the groups' steps add up to less than twice the longest document.
 
 
 def documents_as_rows(resets: torch.Tensor, mask: torch.Tensor | None):
-    """The layout of packed rows with one document per row: resets (B, T) bool, True where a document starts
-    (a row's first position always starts one); mask (B, T) bool or None, False = padding.
+    """The layout of packed rows with one document per row, in groups of similar length: resets (B, T)
+    bool, True where a document starts (a row's first position always starts one); mask (B, T) bool or
+    None, False = padding. Reads the documents' lengths on the host.
 
-    Returns (gather (D, L) long, valid (D, L) bool, scatter (B * T,) long, first (D,) long or -1, last (B,) long):
-    document d's step l is flat token gather[d, l] of (B * T) (where valid); token j of (B * T) is flat
-    entry scatter[j] of (D * L); first[d] is the row whose initial state document d continues (-1: none, it
-    starts from zero); last[b] is the document whose final state is row b's. Reads D and L on the host."""
+    Returns (groups, scatter, first, last). groups: for each group, (docs (D_g,) long, gather (D_g, L_g)
+    long, valid (D_g, L_g) bool): the group's documents, and step l of its row d is flat token gather[d, l]
+    of (B * T) where valid. scatter (B * T,) long: token j is entry scatter[j] of the groups' outputs
+    (D_g * L_g each) concatenated in order. first (D,) long: the row whose initial state document d
+    continues, or -1 (a reset, or not a row's first document: it starts from zero). last (B,) long: the
+    document whose final state is row b's, as an index into the groups' documents concatenated."""
     B, T = resets.shape
+    device = resets.device
     starts = resets.clone()
     starts[:, 0] = True
     flat = starts.reshape(-1)
     doc = flat.cumsum(0) - 1  # (B * T,) each token's document
     begin = torch.nonzero(flat).squeeze(1)  # (D,) each document's first flat token
     lengths = torch.diff(begin, append=begin.new_tensor([B * T]))
-    D, L = begin.numel(), int(lengths.max())
-    offset = torch.arange(B * T, device=resets.device) - begin[doc]
-    steps = torch.arange(L, device=resets.device)
-    valid = steps < lengths[:, None]
-    gather = (begin[:, None] + steps).clamp_max(B * T - 1)
-    if mask is not None:
-        valid = valid & mask.reshape(-1)[gather]
-    row_start = torch.arange(B, device=resets.device) * T
+    bucket = torch.ceil(torch.log2(lengths.double())).long()
+    groups, entry, slot, base, count = [], torch.empty_like(begin), torch.empty_like(begin), 0, 0
+    for k in torch.unique(bucket).tolist():
+        docs = torch.nonzero(bucket == k).squeeze(1)
+        L = int(lengths[docs].max())
+        steps = torch.arange(L, device=device)
+        gather = (begin[docs, None] + steps).clamp_max(B * T - 1)
+        valid = steps < lengths[docs, None]
+        if mask is not None:
+            valid = valid & mask.reshape(-1)[gather]
+        groups.append((docs, gather, valid))
+        entry[docs] = base + torch.arange(len(docs), device=device) * L
+        slot[docs] = count + torch.arange(len(docs), device=device)
+        base, count = base + len(docs) * L, count + len(docs)
+    scatter = entry[doc] + torch.arange(B * T, device=device) - begin[doc]
     first = torch.where(resets.reshape(-1)[begin], -1, begin // T)  # a row's first document, unless it resets
-    last = doc[row_start + T - 1]
-    return gather, valid, doc * L + offset, first, last
+    last = slot[doc[torch.arange(B, device=device) * T + T - 1]]
+    return groups, scatter, first, last
 
 
 def slstm_by_document(slstm, x, recurrent_kernel, bias, initial_state=None, output_final_state=False, mask=None,
@@ -651,14 +665,22 @@ def slstm_by_document(slstm, x, recurrent_kernel, bias, initial_state=None, outp
     first document continues the row's initial state (unless it is reset too); the final state of a row is
     that of its last document."""
     B, T, NH, G, DH = x.shape
-    gather, valid, scatter, first, last = documents_as_rows(_check_resets(resets, B, T), mask)
-    D, L = gather.shape
-    xs = x.reshape(B * T, NH, G, DH)[gather.reshape(-1)].view(D, L, NH, G, DH)
-    state = None
-    if initial_state is not None:
-        zero = slstm_zero_state(1, NH, DH, x.device, initial_state[0].dtype)
-        continues = (first >= 0)[:, None, None]
-        state = tuple(torch.where(continues, s[first.clamp_min(0)], z) for s, z in zip(initial_state, zero))
-    h, final = slstm(xs, recurrent_kernel, bias, state, output_final_state, valid)
-    out = h.reshape(D * L, NH, DH)[scatter].view(B, T, NH, DH)
-    return out, (tuple(s[last] for s in final) if output_final_state else None)
+    groups, scatter, first, last = documents_as_rows(_check_resets(resets, B, T), mask)
+    flat_x = x.reshape(B * T, NH, G, DH)
+    outputs, finals = [], []
+    for docs, gather, valid in groups:
+        D, L = gather.shape
+        state = None
+        if initial_state is not None:
+            row = first[docs]
+            zero = slstm_zero_state(1, NH, DH, x.device, initial_state[0].dtype)
+            state = tuple(torch.where((row >= 0)[:, None, None], s[row.clamp_min(0)], z)
+                          for s, z in zip(initial_state, zero))
+        h, final = slstm(flat_x[gather.reshape(-1)].view(D, L, NH, G, DH), recurrent_kernel, bias, state,
+                         output_final_state, valid)
+        outputs.append(h.reshape(D * L, NH, DH))
+        finals.append(final)
+    out = torch.cat(outputs)[scatter].view(B, T, NH, DH)
+    if not output_final_state:
+        return out, None
+    return out, tuple(torch.cat(parts)[last] for parts in zip(*finals))

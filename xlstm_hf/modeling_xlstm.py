@@ -779,6 +779,15 @@ class xLSTMCache:
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map(lambda t: t[indices])
 
+    def detach(self) -> "xLSTMCache":
+        """A copy whose states are cut from the autograd graph (the same tensors' values, no history): truncated
+        backpropagation through time continues from it, and the next segment's backward stops there."""
+        copy = xLSTMCache(num_blocks=len(self.states))
+        copy.states = [None if s is None else {k: (None if t is None else t.detach()) for k, t in s.items()}
+                       for s in self.states]
+        copy.seen_tokens = self.seen_tokens
+        return copy
+
     def __len__(self) -> int:
         return len(self.states)
 

@@ -18,6 +18,7 @@ training (`eval_on_start`), every `eval_steps` during it and at the end, and sav
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import os
@@ -77,7 +78,51 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, seed: int = 0):
+def pack_documents(documents, block_size: int, pad_token_id: int = 0):
+    """Pack tokenised documents into rows of `block_size` tokens for padding-free training with exact resets.
+
+    documents: lists of token ids (any lengths). A document longer than a block is cut into consecutive
+    pieces of `block_size` tokens (its last piece shorter); every piece is trained as a document of its own,
+    from a zero state (as blocks cut from a token stream are). Pieces are packed into rows best-fit
+    decreasing (longest first, each into the fullest row that still has room), which leaves little of a row
+    empty; the rest of a row is padding (attention_mask 0, labels -100).
+
+    Returns a `datasets.Dataset` with `input_ids`, `attention_mask`, `position_ids` (restarting at 0 at every
+    piece: where the model resets every recurrent state) and `labels` (the ids, with -100 at each piece's
+    first token, which nothing in its row may predict, and at padding), each of `block_size` per row.
+    """
+    from datasets import Dataset
+
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2 (one next-token prediction), got {block_size}")
+    pieces = [doc[start:start + block_size] for doc in documents for start in range(0, len(doc), block_size)]
+    pieces.sort(key=len, reverse=True)  # (a stable sort: equal lengths keep their order)
+    rows: list[list[list[int]]] = []
+    free: list[tuple[int, int]] = []  # (room left, row) of every row, sorted
+    for piece in pieces:
+        if len(piece) < 2:  # a single token predicts nothing
+            continue
+        at = bisect.bisect_left(free, (len(piece), -1))  # the fullest row that still has room (best fit)
+        if at == len(free):
+            rows.append([])
+            room, row = block_size, len(rows) - 1
+        else:
+            room, row = free.pop(at)
+        rows[row].append(piece)
+        if room > len(piece):
+            bisect.insort(free, (room - len(piece), row))
+    columns = {"input_ids": [], "attention_mask": [], "position_ids": [], "labels": []}
+    for row in rows:
+        ids = [token for piece in row for token in piece]
+        free = block_size - len(ids)
+        columns["input_ids"].append(ids + [pad_token_id] * free)
+        columns["attention_mask"].append([1] * len(ids) + [0] * free)
+        columns["position_ids"].append([p for piece in row for p in range(len(piece))] + [0] * free)
+        columns["labels"].append([-100 if p == 0 else t for piece in row for p, t in enumerate(piece)] + [-100] * free)
+    return Dataset.from_dict(columns)
+
+
+def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, seed: int = 0, packing: bool = False):
     """A `datasets.DatasetDict` with "train" and "validation" splits of `block_size`-token blocks.
 
     Each row has `input_ids` and `labels` (the same ids: causal LM models shift the labels themselves).
@@ -86,6 +131,11 @@ def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, 
     are concatenated and cut into consecutive blocks; the last partial block is dropped. A random
     `eval_fraction` of the blocks (at least one when `eval_fraction > 0`), chosen with `seed`, is the
     validation split; with `eval_fraction=0` the validation split is empty.
+
+    `packing=True`: documents do not run into each other. Each document is cut into pieces of at most
+    `block_size` tokens (nothing is dropped), a random `eval_fraction` of the pieces is held out, and each
+    split's pieces are packed into rows by `pack_documents`, with position_ids that make the model reset
+    its state at every piece.
     """
     from datasets import Dataset, DatasetDict
     from transformers.utils import logging as hf_logging
@@ -129,6 +179,9 @@ def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, 
     num_tokens = sum(len(ids) for ids in tokenized["input_ids"])
     if num_tokens == 0:
         raise ValueError(f"no text to train on: {names} {'is' if len(files) == 1 else 'are'} empty")
+    if packing:
+        return _packed_splits(tokenized["input_ids"], block_size, eval_fraction, seed, names,
+                              tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0))
     # The block count is known from the token count: too little text is said before the grouping runs.
     num_blocks = num_tokens // block_size
     if num_blocks == 0:
@@ -148,6 +201,26 @@ def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, 
         return DatasetDict(train=blocks, validation=blocks.select([]))
     split = blocks.train_test_split(test_size=num_eval, shuffle=True, seed=seed)
     return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def _packed_splits(documents, block_size, eval_fraction, seed, names, pad_token_id):
+    """text_dataset's packed "train" and "validation" splits: the documents' pieces, split at random, packed."""
+    from datasets import DatasetDict
+
+    pieces = [doc[start:start + block_size] for doc in documents for start in range(0, len(doc), block_size)]
+    pieces = [piece for piece in pieces if len(piece) >= 2]
+    num_eval = max(1, round(len(pieces) * eval_fraction)) if eval_fraction > 0 else 0
+    if num_eval >= len(pieces):
+        raise ValueError(f"{names}: {sum(map(len, documents))} tokens make only {len(pieces)} piece(s) of up to "
+                         f"{block_size} tokens, too few to hold out {eval_fraction:.0%} for validation; use more "
+                         "text, a smaller block size or eval_fraction=0")
+    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:num_eval])
+    train = [p for n, p in enumerate(pieces) if n not in held_out]
+    validation = [p for n, p in enumerate(pieces) if n in held_out]
+    packed = DatasetDict(train=pack_documents(train, block_size, pad_token_id))
+    packed["validation"] = pack_documents(validation, block_size, pad_token_id) if validation else packed["train"].select([])
+    return packed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,6 +258,15 @@ class _SayEvalBeforeTraining(TrainerCallback):
                        file=self.out)
 
 
+class _EvalTime(TrainerCallback):
+    """Adds up the time of this run's evaluations (not those of a resumed run's history)."""
+
+    seconds = 0.0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.seconds += (metrics or {}).get("eval_runtime", 0.0)
+
+
 @dataclass
 class TrainResult:
     """What `train` did. Losses are mean next-token cross-entropies in nats; steps are optimizer steps."""
@@ -199,10 +281,18 @@ class TrainResult:
     epochs: float
     train_seconds: float
     train_loss: float  # Trainer's average over the whole run
+    train_tokens: int = 0  # real (not padding) input tokens trained on
+    eval_seconds: float = 0.0  # of train_seconds, the time spent evaluating
     train_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) as logged
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss); step 0 = before
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Real input tokens trained on per second of training (padding and the evaluations' time excluded)."""
+        seconds = self.train_seconds - self.eval_seconds
+        return self.train_tokens / seconds if seconds > 0 else 0.0
 
     @property
     def eval_ppl_before(self) -> float | None:
@@ -213,7 +303,8 @@ class TrainResult:
         return None if self.eval_loss_after is None else math.exp(self.eval_loss_after)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "eval_ppl_before": self.eval_ppl_before, "eval_ppl_after": self.eval_ppl_after}
+        return {**asdict(self), "eval_ppl_before": self.eval_ppl_before, "eval_ppl_after": self.eval_ppl_after,
+                "tokens_per_second": self.tokens_per_second}
 
 
 def format_perplexity(loss: float) -> str:
@@ -275,6 +366,7 @@ def train(
     config_overrides: dict | None = None,
     block_size: int = 128,
     eval_fraction: float = 0.1,
+    packing: bool = False,
     max_steps: int | None = None,
     epochs: float = 1.0,
     batch_size: int = 8,
@@ -300,7 +392,9 @@ def train(
 
     data: text file(s)/folder(s) (see `text_dataset`; cut into `block_size` blocks, `eval_fraction` held
         out) or a ready `DatasetDict` with "train" (and optionally "validation") rows of equal-length
-        `input_ids` (and `labels`).
+        `input_ids` (and `labels`, `attention_mask`, `position_ids`: e.g. `pack_documents` rows).
+    packing: (text data) whole documents packed into rows with exact resets instead of one concatenated
+        stream (see `text_dataset`).
     model, tokenizer, config_overrides: see `load_model_and_tokenizer` (default: a new demo-sized
         xLSTM[7:1] with the shipped GPT-2 tokenizer).
     max_steps / epochs: training length in optimizer steps (wins when given) or epochs over "train".
@@ -343,7 +437,7 @@ def train(
         text_files(data)  # a missing file is reported before a model is built
     model, tokenizer, description = load_model_and_tokenizer(model, tokenizer, config_overrides, seed)
     if not isinstance(data, DatasetDict):
-        data = text_dataset(data, tokenizer, block_size, eval_fraction=eval_fraction, seed=seed)
+        data = text_dataset(data, tokenizer, block_size, eval_fraction=eval_fraction, seed=seed, packing=packing)
     train_data = data["train"]
     eval_data = data["validation"] if "validation" in data and len(data["validation"]) else None
     if len(train_data) == 0:
@@ -378,6 +472,7 @@ def train(
         save_steps=save_steps or 500,
         report_to="none",
         disable_tqdm=not progress,
+        include_num_input_tokens_seen="non_padding",  # (attention_mask's sum where there is one)
     )
     args.update(training_args or {})
     trainer = MatrixDecayTrainer(
@@ -387,7 +482,7 @@ def train(
         eval_dataset=eval_data,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=[*(callbacks or []), _SayEvalBeforeTraining(out)],
+        callbacks=[*(callbacks or []), _SayEvalBeforeTraining(out), timer := _EvalTime()],
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # the log lines that replace the progress bar
@@ -395,12 +490,15 @@ def train(
     device = trainer.args.device
     say(f"model: {description}, {num_params / 1e6:.1f}M parameters, on {device.type}"
         f"{' with bf16 autocast' if bf16 else ''}{', gradient checkpointing' if gradient_checkpointing else ''}")
-    say(f"data: {len(train_data):,} training / {len(eval_data) if eval_data is not None else 0:,} validation blocks "
-        f"of {block} tokens; batches of {batch_size} x {grad_accum} (accumulated) blocks per step")
+    packed = "position_ids" in train_data.column_names
+    say(f"data: {len(train_data):,} training / {len(eval_data) if eval_data is not None else 0:,} validation "
+        f"{'rows of packed documents' if packed else 'blocks'} of {block} tokens; batches of {batch_size} x "
+        f"{grad_accum} (accumulated) {'rows' if packed else 'blocks'} per step")
 
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     seconds = time.perf_counter() - start
+    eval_seconds = min(timer.seconds, seconds)  # (before the final evaluation below)
     state = trainer.state
     history = state.log_history
     train_losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
@@ -415,8 +513,10 @@ def train(
             eval_after = trainer.evaluate()["eval_loss"]
             eval_losses.append((state.global_step, eval_after))
 
+    tokens = int(state.num_input_tokens_seen or 0)
+    speed = tokens / (seconds - eval_seconds) if seconds > eval_seconds else 0.0
     say(f"trained {state.global_step} steps ({state.epoch or 0:.2f} epochs) in {seconds:.0f} s, "
-        f"training loss {output.training_loss:.3f}")
+        f"{speed:,.0f} real tokens/s (evaluations not counted), training loss {output.training_loss:.3f}")
     if eval_after is not None:
         before = f"{eval_before:.3f} -> " if eval_before is not None else ""
         before_ppl = f"{format_perplexity(eval_before)} -> " if eval_before is not None else ""
@@ -433,10 +533,145 @@ def train(
         output_dir=str(output_dir), model_description=description, num_params=num_params,
         train_blocks=len(train_data), eval_blocks=len(eval_data) if eval_data is not None else 0, block_size=block,
         steps=state.global_step, epochs=float(state.epoch or 0.0), train_seconds=seconds,
-        train_loss=float(output.training_loss), train_losses=train_losses, eval_losses=eval_losses,
+        train_loss=float(output.training_loss), train_tokens=tokens, eval_seconds=eval_seconds, train_losses=train_losses, eval_losses=eval_losses,
         eval_loss_before=eval_before, eval_loss_after=eval_after,
     )
 
 
-__all__ = ["MatrixDecayTrainer", "TrainResult", "check_vocab", "format_perplexity", "load_model_and_tokenizer",
-           "text_dataset", "text_files", "train"]
+# --------------------------------------------------------------------------------------------------
+# Training with carried state (truncated backpropagation through time)
+# --------------------------------------------------------------------------------------------------
+
+
+def stream_segments(documents, rows: int, segment_length: int, accumulation: int = 1, pad_token_id: int = 0):
+    """Long documents as consecutive segments for training with a carried state (`StatefulTrainer`).
+
+    The documents (lists of token ids) are dealt into `rows * accumulation` streams, each the concatenation of
+    whole documents (each document to the stream that is shortest so far, longest documents first), and
+    every stream is cut into segments of `segment_length` tokens. The k-th training step then trains on
+    segment k of every stream: micro-batch j of the step (of `accumulation`) on streams j*rows ..
+    (j+1)*rows - 1, always in the same batch rows, so that the state each row ends a segment with is the
+    state its next segment starts from.
+
+    Returns a `datasets.Dataset` in the order a sequential sampler with batch size `rows` must read it, with
+    `input_ids`, `attention_mask` (0 at the padding that ends a shorter stream), `position_ids` (each token's
+    position in its document: 0 where a document starts, so the model drops the carried state there, and
+    counting on across segments where a document continues), `labels` (the ids; the loss reads
+    `shift_labels`, Trainer needs `labels` to count the step's targets) and `shift_labels` (the next token of the
+    stream for every position, including the first token of the next segment, -100 where the next token
+    starts another document or is padding): the losses of a stream's segments add up to the loss of its
+    documents trained whole.
+    """
+    from datasets import Dataset
+
+    if rows < 1 or accumulation < 1 or segment_length < 1:
+        raise ValueError(f"rows, accumulation and segment_length must be positive, got {rows}, {accumulation}, "
+                         f"{segment_length}")
+    documents = [list(d) for d in documents if len(d) > 0]
+    count = rows * accumulation
+    if len(documents) < count:
+        raise ValueError(f"{len(documents)} documents cannot fill {count} streams (rows x accumulation); use fewer "
+                         "rows, less accumulation or more documents")
+    streams = [{"ids": [], "pos": []} for _ in range(count)]
+    for doc in sorted(documents, key=len, reverse=True):
+        stream = min(streams, key=lambda s: len(s["ids"]))
+        stream["ids"] += doc
+        stream["pos"] += range(len(doc))
+    steps = -(-max(len(s["ids"]) for s in streams) // segment_length)
+    columns = {"input_ids": [], "attention_mask": [], "position_ids": [], "labels": [], "shift_labels": []}
+    for k in range(steps):
+        for stream in streams:  # micro-batch j holds streams j*rows .. (j+1)*rows - 1, in order
+            ids, pos = stream["ids"], stream["pos"]
+            span = range(k * segment_length, (k + 1) * segment_length)
+            real = [t < len(ids) for t in span]
+            columns["input_ids"].append([ids[t] if ok else pad_token_id for t, ok in zip(span, real)])
+            columns["labels"].append(columns["input_ids"][-1])  # (unused beside shift_labels; Trainer counts them)
+            columns["attention_mask"].append([int(ok) for ok in real])
+            columns["position_ids"].append([pos[t] if ok else 0 for t, ok in zip(span, real)])
+            columns["shift_labels"].append([ids[t + 1] if t + 1 < len(ids) and pos[t + 1] > 0 else -100 for t in span])
+    return Dataset.from_dict(columns)
+
+
+#: where StatefulTrainer keeps the carried states in a checkpoint folder
+CARRIED_STATE_FILE = "xlstm_carried_state.pt"
+
+
+class StatefulTrainer(MatrixDecayTrainer):
+    """`Trainer` that carries the recurrent state from step to step: truncated backpropagation through time.
+
+    Train it on `stream_segments(documents, rows=per_device_train_batch_size, segment_length=...,
+    accumulation=gradient_accumulation_steps)`; the data is read in order (a sequential sampler). Each
+    micro-batch continues from the state its rows ended the previous step with, cut from the graph
+    (`xLSTMCache.detach`), so a step's backward stops at the segment's start; a document that starts in a
+    segment starts from a fresh state (its position_ids are 0 there). Each of the `gradient_accumulation_steps`
+    micro-batch slots has its own state. The states are saved with every checkpoint (`CARRIED_STATE_FILE`) and
+    restored by `train(resume_from_checkpoint=...)`, so a resumed run continues exactly. Evaluation runs
+    without carried state. One process only: a distributed sampler would deal the rows to different
+    processes.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.world_size > 1:
+            raise ValueError("StatefulTrainer runs on one process: its rows must reach the same process every step")
+        self._carried: dict[int, object] = {}
+        self._micro_batches = 0
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "shift_labels" not in self._signature_columns:  # a loss keyword of the forward's **kwargs
+            self._signature_columns.append("shift_labels")
+
+    def _get_train_sampler(self, *args, **kwargs):
+        import torch.utils.data
+
+        return torch.utils.data.SequentialSampler(self.train_dataset)  # the streams' segments, in order
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: no carried state
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .modeling_xlstm import xLSTMCache
+
+        slot = self._micro_batches % self.args.gradient_accumulation_steps
+        self._micro_batches += 1
+        config = self.accelerator.unwrap_model(model).config
+        cache = self._carried.get(slot) or xLSTMCache(config)
+        inputs = {**inputs, "cache": cache, "use_cache": True}
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._carried[slot] = cache.detach()  # (the cache passed in is advanced in place)
+        return result
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        states = {slot: {"states": cache.states, "seen_tokens": cache.seen_tokens} for slot, cache in self._carried.items()}
+        torch.save({"micro_batches": self._micro_batches, "carried": states}, folder / CARRIED_STATE_FILE)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        from .modeling_xlstm import xLSTMCache
+
+        self._carried, self._micro_batches = {}, 0
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        if folder:
+            path = Path(folder) / CARRIED_STATE_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{folder} has no {CARRIED_STATE_FILE}: it was not written by StatefulTrainer, "
+                                        "so the state its rows carried is lost")
+            saved = torch.load(path, map_location=self.args.device, weights_only=True)
+            self._micro_batches = saved["micro_batches"]
+            for slot, entry in saved["carried"].items():
+                cache = xLSTMCache(num_blocks=len(entry["states"]))
+                cache.states, cache.seen_tokens = entry["states"], entry["seen_tokens"]
+                self._carried[slot] = cache
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+__all__ = ["CARRIED_STATE_FILE", "MatrixDecayTrainer", "StatefulTrainer", "TrainResult", "check_vocab",
+           "format_perplexity", "load_model_and_tokenizer", "pack_documents", "stream_segments", "text_dataset",
+           "text_files", "train"]
