@@ -122,6 +122,8 @@ def check_train(args: argparse.Namespace) -> None:
     _at_least("--batch-size", args.batch_size, 1)
     _at_least("--grad-accum", args.grad_accum, 1)
     _at_least("--block-size", args.block_size, 2)
+    if args.pack and args.carry_state:
+        raise ValueError("--pack and --carry-state exclude each other (--carry-state keeps documents apart already)")
     _positive("--lr", args.lr)
     _at_least("--warmup-steps", args.warmup_steps, 0)
     _positive("--eval-steps", args.eval_steps)
@@ -220,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep documents apart: pack whole files into blocks with exact state resets between them "
                          "(a file longer than a block is cut into block-sized pieces, each trained from a fresh "
                          "state) instead of one concatenated stream")
+    tr.add_argument("--carry-state", action="store_true",
+                    help="truncated backpropagation through time: each batch row reads its documents in consecutive "
+                         "segments of --block-size tokens, starting from the state the previous step ended with "
+                         "(cut from the graph), so the model learns from contexts longer than a block")
     tr.add_argument("--lr", type=float, default=1e-3,
                     help="peak learning rate of AdamW, cosine schedule (default: %(default)s)")
     tr.add_argument("--warmup-steps", type=float, default=0.1, metavar="W",

@@ -113,11 +113,17 @@ def mlstm_inputs(B, NH, T, DK, DV, device, seed=0):
     return [t.to(device) for t in (q, k, v, i, f)], [t.to(device) for t in state]
 
 
-def check_mlstm_chunkwise(B, NH, T, DK, DV, dtype, device, chunk):
+def check_mlstm_chunkwise(B, NH, T, DK, DV, dtype, device, chunk, packed=False):
     from xlstm_hf import cells
     from xlstm_hf.kernels.mlstm_chunkwise import mlstm_chunkwise_triton
 
     inputs, state = mlstm_inputs(B, NH, T, DK, DV, device)
+    resets = None
+    if packed:  # packed documents: starts at t = 0 of row 0 (dropping its state), at a chunk boundary, inside chunks
+        resets = torch.zeros(B, T, dtype=torch.bool)
+        resets[0, 0] = True
+        resets[:, [chunk, chunk + 1, T // 3, T - 1]] = True
+        resets = resets.to(device)
     inputs = [x.to(dtype).float() for x in inputs]  # the same values for kernel and reference
     g = torch.Generator().manual_seed(1)
     w_h = torch.randn(B, NH, T, DV, generator=g).to(device)
@@ -125,7 +131,7 @@ def check_mlstm_chunkwise(B, NH, T, DK, DV, dtype, device, chunk):
     for fn, in_dtype in ((mlstm_chunkwise_triton, dtype), (cells.mlstm_chunkwise, torch.float32)):
         xs = [x.to(in_dtype).requires_grad_() for x in inputs]
         s0 = [s.clone().requires_grad_() for s in state]
-        h, (C, n, m) = fn(*xs, initial_state=s0, output_final_state=True, chunk_size=chunk)
+        h, (C, n, m) = fn(*xs, initial_state=s0, output_final_state=True, chunk_size=chunk, resets=resets)
         loss = (h.float() * w_h).sum() + C.sum() + n.sum()
         grads = torch.autograd.grad(loss, xs + s0[:2])
         results.append([h, C, n, m, *grads])
@@ -177,6 +183,9 @@ def correctness(device, half, dry_run):
                          check_mlstm_chunkwise(B, NH, T, DK, DV, dtype, device, chunk)))
             rows.append(("mLSTM step", design, f"B=4 NH={NH} DK={DK} DV={DV}", dtype,
                          check_mlstm_step(4, NH, DK, DV, dtype, device)))
+        NH, DK, DV = next(iter(mlstm.values()))
+        rows.append(("mLSTM packed", next(iter(mlstm)), f"B={B} T={T} NH={NH} DK={DK} DV={DV}, document starts", dtype,
+                     check_mlstm_chunkwise(B, NH, T, DK, DV, dtype, device, chunk, packed=True)))
         for design, (NH, DH) in slstm.items():
             Bs, Ts = (2, 4) if dry_run else (4, 128)
             rows.append(("sLSTM", design, f"B={Bs} T={Ts} NH={NH} DH={DH}, padded row", dtype,

@@ -1,5 +1,6 @@
 """benchmarks/cpu_suite.py off Linux: its peak-RSS, CPU-model and load-average helpers on Linux, macOS and
-Windows (faked: sys.platform, unreadable /proc files, a fake resource.getrusage / psutil). No benchmark runs."""
+Windows (faked: sys.platform, unreadable /proc files, a fake resource.getrusage / psutil); and the packing and
+carried-state benchmarks' --quick runs (a tiny model, to check the scripts, not for numbers)."""
 
 from __future__ import annotations
 
@@ -147,3 +148,27 @@ def test_report_header_and_train_rss_without_peak_rss(suite):
     assert "load average at start / end: n/a / n/a" in text
     group = suite.Group("xlstm_hf", ("train",), "fp32", (8,), [("train", 8, s.train_lengths[0])])
     assert suite.train_prediction(group, results, s) is None
+
+
+def _run_script(name, tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    result = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return (tmp_path / name.replace(".py", ".md")).read_text()
+
+
+def test_packing_benchmark_runs(tmp_path):
+    """benchmarks/packing.py --quick (a tiny model, a few steps): every batching trains on the same pieces and the
+    report has its rows (the ratios of a run this small mean nothing)."""
+    report = _run_script("packing.py", tmp_path)
+    for row in ("| padded |", "| packed |", "| flattened |", "Resets that are not there cost nothing"):
+        assert row in report
+
+
+@pytest.mark.slow
+def test_carry_state_benchmark_runs(tmp_path):
+    report = _run_script("carry_state.py", tmp_path)
+    assert "| 0-128 |" in report and "carry state" in report

@@ -89,16 +89,22 @@ def test_mlstm_reset_drops_the_initial_state_and_gives_final_state_of_last_docum
             assert rel_err(a, b) < TOL
 
 
-def test_slstm_reference_packed_documents_equal_each_alone():
-    """The sLSTM reference with resets: each packed document from the zero state, outputs and gradients
-    (the first document of row 1 continues the initial state, as a reset-free start does)."""
-    NH, DH = 2, 3
-    g = torch.Generator().manual_seed(4)
+def slstm_inputs(seed, NH=2, DH=3):
+    """float64 sLSTM inputs for two rows of T steps: x, R, the bias (all requiring grad), an initial state."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, T, NH, 4, DH, generator=g, dtype=torch.float64).requires_grad_()
     R = (0.5 * torch.randn(NH, DH, 4, DH, generator=g, dtype=torch.float64)).requires_grad_()
     b = torch.randn(NH, 4, DH, generator=g, dtype=torch.float64).requires_grad_()
     state = [torch.randn(2, NH, DH, generator=g, dtype=torch.float64) for _ in range(4)]
     state[2] = state[2].abs() + 0.5
+    return x, R, b, state, g
+
+
+def test_slstm_reference_packed_documents_equal_each_alone():
+    """The sLSTM reference with resets: each packed document from the zero state, outputs and gradients
+    (the first document of row 1 continues the initial state, as a reset-free start does)."""
+    x, R, b, state, g = slstm_inputs(4)
+    NH, DH = 2, 3
     resets = resets_of(DOCS)
     resets[1, 0] = False  # row 1: one document continuing the initial state
     w = torch.randn(2, T, NH, DH, generator=g, dtype=torch.float64)
@@ -176,13 +182,8 @@ def test_slstm_by_document_equals_the_reference_with_resets():
     reference's resets (float64)."""
     from xlstm_hf.slstm_autograd import slstm_recurrent_bptt
 
+    x, R, b, state, g = slstm_inputs(6)
     NH, DH = 2, 3
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, T, NH, 4, DH, generator=g, dtype=torch.float64).requires_grad_()
-    R = (0.5 * torch.randn(NH, DH, 4, DH, generator=g, dtype=torch.float64)).requires_grad_()
-    b = torch.randn(NH, 4, DH, generator=g, dtype=torch.float64).requires_grad_()
-    state = [torch.randn(2, NH, DH, generator=g, dtype=torch.float64) for _ in range(4)]
-    state[2] = state[2].abs() + 0.5
     state = [s.requires_grad_() for s in state]
     resets = resets_of(DOCS)
     resets[0, 0] = False

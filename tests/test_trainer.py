@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import run_cli, tiny_config, tiny_model
 from datasets import Dataset
 from transformers import (
     AutoModelForCausalLM,
@@ -793,4 +793,30 @@ def test_train_command_packs_and_reports_real_tokens_per_second(text_file, tmp_p
             "--block-size", "64", "--pack", "--config-overrides", json.dumps(TINY_OVERRIDES)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "rows of packed documents of 64 tokens" in printed and "real tokens/s" in printed
+    assert "training rows of packed documents" in printed and "real tokens/s" in printed
+
+
+def test_train_command_carries_state(text_file, tmp_path, capsys):
+    """`xlstm-hf train --carry-state`: each row reads its stream in consecutive segments (StatefulTrainer); the
+    training split is stream_segments' layout, a held-out piece is not trained on; --pack with it is refused."""
+    out = tmp_path / "carried"
+    argv = ["train", str(text_file), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "2",
+            "--block-size", "32", "--carry-state", "--config-overrides", json.dumps(TINY_OVERRIDES)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "training segments of carried streams" in printed and "each row continuing its stream's state" in printed
+    code, _, err = run_cli(argv + ["--pack"], capsys)
+    assert code == 2 and "--pack and --carry-state exclude each other" in err
+
+
+def test_text_dataset_streams_hold_out_whole_pieces(text_file, tokenizer):
+    """text_dataset(streams=(rows, accumulation)): the validation pieces and the training streams together are the
+    text exactly once; the training rows are stream_segments' (position_ids continuing across segments)."""
+    data = text_dataset(text_file, tokenizer, 64, eval_fraction=0.1, streams=(2, 2))
+    train_rows = data["train"]
+    assert len(train_rows) % 4 == 0 and {"shift_labels", "position_ids"} <= set(train_rows.column_names)
+    trained = sum(sum(m) for m in train_rows["attention_mask"])
+    held = sum(sum(m) for m in data["validation"]["attention_mask"])
+    doc = tokenizer(text_file.read_text(encoding="utf-8"))["input_ids"] + [tokenizer.eos_token_id]
+    assert trained + held == len(doc)
+    assert any(r[0] > 0 for r in train_rows["position_ids"][4:])  # some segment continues a document

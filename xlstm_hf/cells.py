@@ -577,7 +577,8 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
     recurrent_kernel: (NH, DH, 4, DH) maps h_{t-1} of a head (input dim) to that head's four gates;
     bias: (NH, 4, DH); mask: optional (B, T) bool, False = padding: that step leaves the state unchanged;
     resets: optional (B, T) bool, True where a new sequence starts (packed documents): the state carried
-    into that step is replaced by the zero state (h = c = n = 0, m = -inf). Returns (h (B, T, NH, DH), final state (h, c, n, m) each (B, NH, DH) or None).
+    into that step is replaced by the zero state (h = c = n = 0, m = -inf). Returns (h (B, T, NH, DH), final
+    state (h, c, n, m) each (B, NH, DH) or None).
 
         i~, f~, z~, o~ = x_t + R h_{t-1} + b
         m_t = max(log sigmoid(f~) + m_{t-1}, i~);  i = exp(i~ - m_t);  f = exp(log sigmoid(f~) + m_{t-1} - m_t)

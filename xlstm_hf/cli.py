@@ -98,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(
             args.data, args.output_dir, model=args.model, config_overrides=args.config_overrides,
-            block_size=args.block_size, packing=args.pack, eval_fraction=args.eval_fraction, max_steps=args.max_steps, epochs=args.epochs,
+            block_size=args.block_size, packing=args.pack, carry_state=args.carry_state,
+            eval_fraction=args.eval_fraction, max_steps=args.max_steps, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
             bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
             eval_steps=args.eval_steps, logging_steps=args.logging_steps, save_steps=args.save_steps,
@@ -108,8 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise weights_error(error, args.model, args.resume_from_checkpoint) from error
     print("summary:")
     print(f"  model       {result.model_description}, {result.num_params / 1e6:.1f}M parameters")
-    kind = "rows of packed documents" if args.pack else "blocks"
-    print(f"  data        {result.train_blocks:,} training / {result.eval_blocks:,} validation {kind} of "
+    kind = "segments of carried streams" if args.carry_state else "rows of packed documents" if args.pack else "blocks"
+    print(f"  data        {result.train_blocks:,} training {kind} / {result.eval_blocks:,} validation rows of "
           f"{result.block_size} tokens")
     print(f"  training    {result.steps} steps ({result.epochs:.2f} epochs) in {result.train_seconds:.0f} s, "
           f"{result.tokens_per_second:,.0f} real tokens/s, training loss {result.train_loss:.3f}")

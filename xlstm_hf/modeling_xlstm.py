@@ -18,6 +18,10 @@ Face plumbing.
 Padding: a position whose `attention_mask` is 0 is treated as absent. It enters no recurrent state (the
 mLSTM sees input gate -inf and forget gate 1 there, the sLSTM keeps its state), and it enters the causal
 convolutions as zeros, which is exactly "absent" for left padding (the padding `generate()` uses).
+
+Packed rows: where a document starts (`document_starts`, from restarting position_ids, seq_idx or
+cu_seq_lens), nothing before it is seen: the mLSTM's forget gate is exactly zero there, the sLSTM starts
+from the zero state, and the convolutions' taps do not reach back past it (`Documents`).
 """
 
 import math
@@ -439,8 +443,9 @@ def run_mlstm_cell(config: xLSTMConfig, q, k, v, i, f, state: dict, mask, output
     q, k: (B, T, NH * DK); v: (B, T, NH * DV); i, f: (B, T, NH) gate pre-activations; state: {"C", "n", "m"}
     or empty; mask: (B, T) bool or None (a padded step is an identity update: nothing written, nothing
     forgotten); resets: (B, T) bool or None, True where a packed document starts (nothing before it is
-    seen: a forget gate of exactly zero). Returns (h (B, T, NH, DV), {"C", "n", "m"} or None). Decoding (T = 1 with a state) takes
-    the step form; a whole sequence the configured form (`mlstm_mode`), chunkwise when a state is read or written.
+    seen: a forget gate of exactly zero). Returns (h (B, T, NH, DV), {"C", "n", "m"} or None). Decoding
+    (T = 1 with a state) takes the step form; a whole sequence the configured form (`mlstm_mode`),
+    chunkwise when a state is read or written.
     """
     B, T, _ = q.shape
     NH = i.shape[-1]
@@ -460,8 +465,7 @@ def run_mlstm_cell(config: xLSTMConfig, q, k, v, i, f, state: dict, mask, output
         # the parallel form has no state in or out; with a state to read or write, chunkwise is used
         form = config.mlstm_mode if previous is None and not output_state else "chunkwise"
         h, cell_state = ops[f"mlstm_{form}"](q, k, v, i, f, initial_state=previous, output_final_state=output_state,
-                                             eps=config.mlstm_eps, chunk_size=config.chunk_size,
-                                             **({} if resets is None else {"resets": resets}))
+                                             eps=config.mlstm_eps, chunk_size=config.chunk_size, resets=resets)
     h = h.transpose(1, 2)
     return h, (dict(zip("Cnm", cell_state)) if output_state else None)
 
@@ -906,7 +910,10 @@ class xLSTMModel(xLSTMPreTrainedModel):
                 raise ValueError(f"the cache has batch size {cache.batch_size}, the input has {B}")
         past = cache.get_seq_length() if cache is not None else 0
         mask = self._padding_mask(attention_mask, B, T, past)
-        resets = kwargs.pop("_resets") if "_resets" in kwargs else document_starts(position_ids, kwargs, mask, B, T, past > 0)
+        if "_resets" in kwargs:  # (a segment of a long prefill, below: the starts of the whole call)
+            resets = kwargs.pop("_resets")
+        else:
+            resets = document_starts(position_ids, kwargs, mask, B, T, past > 0)
         segment = self._prefill_segment(B, T, output_hidden_states)
         if segment:  # a long prefill, segment by segment through a cache (see _prefill_segment)
             cache = cache if cache is not None else xLSTMCache(self.config)

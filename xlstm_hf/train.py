@@ -78,6 +78,13 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
+def cut_pieces(documents, block_size: int) -> list[tuple[int, list[int]]]:
+    """(document index, piece) for the consecutive pieces of at most `block_size` tokens of every document, in
+    order, leaving out single-token pieces (they predict nothing)."""
+    return [(n, piece) for n, doc in enumerate(documents) for start in range(0, len(doc), block_size)
+            if len(piece := list(doc[start:start + block_size])) >= 2]
+
+
 def pack_documents(documents, block_size: int, pad_token_id: int = 0):
     """Pack tokenised documents into rows of `block_size` tokens for padding-free training with exact resets.
 
@@ -95,13 +102,10 @@ def pack_documents(documents, block_size: int, pad_token_id: int = 0):
 
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2 (one next-token prediction), got {block_size}")
-    pieces = [doc[start:start + block_size] for doc in documents for start in range(0, len(doc), block_size)]
-    pieces.sort(key=len, reverse=True)  # (a stable sort: equal lengths keep their order)
+    pieces = sorted((piece for _, piece in cut_pieces(documents, block_size)), key=len, reverse=True)  # (stable)
     rows: list[list[list[int]]] = []
     free: list[tuple[int, int]] = []  # (room left, row) of every row, sorted
     for piece in pieces:
-        if len(piece) < 2:  # a single token predicts nothing
-            continue
         at = bisect.bisect_left(free, (len(piece), -1))  # the fullest row that still has room (best fit)
         if at == len(free):
             rows.append([])
@@ -122,7 +126,8 @@ def pack_documents(documents, block_size: int, pad_token_id: int = 0):
     return Dataset.from_dict(columns)
 
 
-def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, seed: int = 0, packing: bool = False):
+def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, seed: int = 0, packing: bool = False,
+                 streams: tuple[int, int] | None = None):
     """A `datasets.DatasetDict` with "train" and "validation" splits of `block_size`-token blocks.
 
     Each row has `input_ids` and `labels` (the same ids: causal LM models shift the labels themselves).
@@ -136,6 +141,12 @@ def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, 
     `block_size` tokens (nothing is dropped), a random `eval_fraction` of the pieces is held out, and each
     split's pieces are packed into rows by `pack_documents`, with position_ids that make the model reset
     its state at every piece.
+
+    `streams=(rows, accumulation)`: for training with a carried state (`StatefulTrainer`). The pieces are cut
+    and held out as with packing (the validation split is packed rows); what remains of each document (its
+    runs of consecutive training pieces) is laid out by `stream_segments` in segments of `block_size`, and
+    a document longer than a fair share of a stream is cut so that the rows * accumulation streams are about
+    equally long.
     """
     from datasets import Dataset, DatasetDict
     from transformers.utils import logging as hf_logging
@@ -179,9 +190,9 @@ def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, 
     num_tokens = sum(len(ids) for ids in tokenized["input_ids"])
     if num_tokens == 0:
         raise ValueError(f"no text to train on: {names} {'is' if len(files) == 1 else 'are'} empty")
-    if packing:
-        return _packed_splits(tokenized["input_ids"], block_size, eval_fraction, seed, names,
-                              tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0))
+    if packing or streams:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+        return _packed_splits(tokenized["input_ids"], block_size, eval_fraction, seed, names, pad, streams)
     # The block count is known from the token count: too little text is said before the grouping runs.
     num_blocks = num_tokens // block_size
     if num_blocks == 0:
@@ -203,12 +214,13 @@ def text_dataset(paths, tokenizer, block_size: int, eval_fraction: float = 0.1, 
     return DatasetDict(train=split["train"], validation=split["test"])
 
 
-def _packed_splits(documents, block_size, eval_fraction, seed, names, pad_token_id):
-    """text_dataset's packed "train" and "validation" splits: the documents' pieces, split at random, packed."""
+def _packed_splits(documents, block_size, eval_fraction, seed, names, pad_token_id, streams=None):
+    """text_dataset's packed "train" and "validation" splits: the documents' pieces, split at random, packed
+    (with `streams`, the training pieces as stream segments instead)."""
     from datasets import DatasetDict
 
-    pieces = [doc[start:start + block_size] for doc in documents for start in range(0, len(doc), block_size)]
-    pieces = [piece for piece in pieces if len(piece) >= 2]
+    cut = cut_pieces(documents, block_size)
+    owner, pieces = [n for n, _ in cut], [piece for _, piece in cut]
     num_eval = max(1, round(len(pieces) * eval_fraction)) if eval_fraction > 0 else 0
     if num_eval >= len(pieces):
         raise ValueError(f"{names}: {sum(map(len, documents))} tokens make only {len(pieces)} piece(s) of up to "
@@ -218,8 +230,24 @@ def _packed_splits(documents, block_size, eval_fraction, seed, names, pad_token_
     held_out = set(order[:num_eval])
     train = [p for n, p in enumerate(pieces) if n not in held_out]
     validation = [p for n, p in enumerate(pieces) if n in held_out]
-    packed = DatasetDict(train=pack_documents(train, block_size, pad_token_id))
-    packed["validation"] = pack_documents(validation, block_size, pad_token_id) if validation else packed["train"].select([])
+    if streams:  # the runs of consecutive training pieces of each document, cut to fair shares of the streams
+        runs, last = [], None
+        for n, (piece, doc) in enumerate(zip(pieces, owner)):
+            if n in held_out:
+                last = None
+                continue
+            if last != doc:
+                runs.append([])
+            runs[-1] += piece
+            last = doc
+        rows, accumulation = streams
+        share = -(-sum(map(len, runs)) // (rows * accumulation))
+        runs = [run[start:start + share] for run in runs for start in range(0, len(run), share)]
+        packed = DatasetDict(train=stream_segments(runs, rows, block_size, accumulation, pad_token_id))
+    else:
+        packed = DatasetDict(train=pack_documents(train, block_size, pad_token_id))
+    no_rows = packed["train"].select([])
+    packed["validation"] = pack_documents(validation, block_size, pad_token_id) if validation else no_rows
     return packed
 
 
@@ -307,6 +335,13 @@ class TrainResult:
                 "tokens_per_second": self.tokens_per_second}
 
 
+def data_kind(train_data, carry_state: bool = False) -> str:
+    """What the training rows are, for messages."""
+    if carry_state:
+        return "segments of carried streams"
+    return "rows of packed documents" if "position_ids" in train_data.column_names else "blocks"
+
+
 def format_perplexity(loss: float) -> str:
     """exp(loss) for printing: no decimals from 1,000 up."""
     ppl = math.exp(loss)
@@ -367,6 +402,7 @@ def train(
     block_size: int = 128,
     eval_fraction: float = 0.1,
     packing: bool = False,
+    carry_state: bool = False,
     max_steps: int | None = None,
     epochs: float = 1.0,
     batch_size: int = 8,
@@ -395,6 +431,10 @@ def train(
         `input_ids` (and `labels`, `attention_mask`, `position_ids`: e.g. `pack_documents` rows).
     packing: (text data) whole documents packed into rows with exact resets instead of one concatenated
         stream (see `text_dataset`).
+    carry_state: truncated backpropagation through time (`StatefulTrainer`): each batch row reads its
+        documents in consecutive segments of `block_size` tokens, starting from the state the previous
+        segment ended with (text data: `text_dataset(streams=...)`; a ready "train" split: `stream_segments`
+        rows for batch_size rows and grad_accum).
     model, tokenizer, config_overrides: see `load_model_and_tokenizer` (default: a new demo-sized
         xLSTM[7:1] with the shipped GPT-2 tokenizer).
     max_steps / epochs: training length in optimizer steps (wins when given) or epochs over "train".
@@ -429,6 +469,9 @@ def train(
         raise ValueError(f"epochs must be positive, got {epochs}")
     if not lr > 0:
         raise ValueError(f"the learning rate must be positive, got {lr}")
+    if packing and carry_state:
+        raise ValueError("packing and carry_state exclude each other: with a carried state the documents are read "
+                         "in streams (stream_segments), which keep them apart already")
     output_dir = Path(output_dir)
 
     if isinstance(data, Dataset):
@@ -437,7 +480,8 @@ def train(
         text_files(data)  # a missing file is reported before a model is built
     model, tokenizer, description = load_model_and_tokenizer(model, tokenizer, config_overrides, seed)
     if not isinstance(data, DatasetDict):
-        data = text_dataset(data, tokenizer, block_size, eval_fraction=eval_fraction, seed=seed, packing=packing)
+        data = text_dataset(data, tokenizer, block_size, eval_fraction=eval_fraction, seed=seed, packing=packing,
+                            streams=(batch_size, grad_accum) if carry_state else None)
     train_data = data["train"]
     eval_data = data["validation"] if "validation" in data and len(data["validation"]) else None
     if len(train_data) == 0:
@@ -475,7 +519,7 @@ def train(
         include_num_input_tokens_seen="non_padding",  # (attention_mask's sum where there is one)
     )
     args.update(training_args or {})
-    trainer = MatrixDecayTrainer(
+    trainer = (StatefulTrainer if carry_state else MatrixDecayTrainer)(
         model=model,
         args=TrainingArguments(**args),
         train_dataset=train_data,
@@ -490,10 +534,10 @@ def train(
     device = trainer.args.device
     say(f"model: {description}, {num_params / 1e6:.1f}M parameters, on {device.type}"
         f"{' with bf16 autocast' if bf16 else ''}{', gradient checkpointing' if gradient_checkpointing else ''}")
-    packed = "position_ids" in train_data.column_names
-    say(f"data: {len(train_data):,} training / {len(eval_data) if eval_data is not None else 0:,} validation "
-        f"{'rows of packed documents' if packed else 'blocks'} of {block} tokens; batches of {batch_size} x "
-        f"{grad_accum} (accumulated) {'rows' if packed else 'blocks'} per step")
+    kind = data_kind(train_data, carry_state)
+    say(f"data: {len(train_data):,} training {kind} / {len(eval_data) if eval_data is not None else 0:,} validation "
+        f"rows of {block} tokens; batches of {batch_size} x {grad_accum} (accumulated) rows per step"
+        + (", each row continuing its stream's state" if carry_state else ""))
 
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -533,7 +577,8 @@ def train(
         output_dir=str(output_dir), model_description=description, num_params=num_params,
         train_blocks=len(train_data), eval_blocks=len(eval_data) if eval_data is not None else 0, block_size=block,
         steps=state.global_step, epochs=float(state.epoch or 0.0), train_seconds=seconds,
-        train_loss=float(output.training_loss), train_tokens=tokens, eval_seconds=eval_seconds, train_losses=train_losses, eval_losses=eval_losses,
+        train_loss=float(output.training_loss), train_tokens=tokens, eval_seconds=eval_seconds,
+        train_losses=train_losses, eval_losses=eval_losses,
         eval_loss_before=eval_before, eval_loss_after=eval_after,
     )
 
@@ -614,6 +659,12 @@ class StatefulTrainer(MatrixDecayTrainer):
         super().__init__(*args, **kwargs)
         if self.args.world_size > 1:
             raise ValueError("StatefulTrainer runs on one process: its rows must reach the same process every step")
+        data, streams = self.train_dataset, self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        if data is not None and ("shift_labels" not in data.column_names or len(data) % streams):
+            raise ValueError(
+                f"StatefulTrainer trains on stream_segments(documents, rows={self.args.per_device_train_batch_size}, "
+                f"segment_length, accumulation={self.args.gradient_accumulation_steps}) rows: a multiple of {streams} "
+                "rows with shift_labels, read in order")
         self._carried: dict[int, object] = {}
         self._micro_batches = 0
 
@@ -646,7 +697,8 @@ class StatefulTrainer(MatrixDecayTrainer):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        states = {slot: {"states": cache.states, "seen_tokens": cache.seen_tokens} for slot, cache in self._carried.items()}
+        states = {slot: {"states": cache.states, "seen_tokens": cache.seen_tokens}
+                  for slot, cache in self._carried.items()}
         torch.save({"micro_batches": self._micro_batches, "carried": states}, folder / CARRIED_STATE_FILE)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
