@@ -55,6 +55,24 @@ def test_contiguous_position_ids_are_accepted(model):
                                    model(ids).logits, rtol=0, atol=0)  # a continuation's positions
 
 
+def test_generate_passes_no_position_ids(model):
+    """generate() makes position_ids from the mask for models whose forward takes them; ours does not let it (a
+    recurrent model needs none, and each step would look for document starts): no step receives them, and the
+    tokens are those of the plain forward's argmax."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("position_ids")),
+                                           with_kwargs=True)
+    ids, mask = _ids(), _left_padded_mask()
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    finally:
+        hook.remove()
+    assert len(seen) == 3 and all(p is None for p in seen)
+    with torch.no_grad():
+        first = model(ids, attention_mask=mask).logits[:, -1].argmax(-1)
+    assert torch.equal(out[:, 10], first)
+
+
 def test_unknown_keywords_and_output_attentions_are_refused(model):
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['token_type_ids'\]"):
         model(_ids(), token_type_ids=torch.zeros(2, 10, dtype=torch.long))

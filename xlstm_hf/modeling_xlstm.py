@@ -1126,6 +1126,12 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         head.matvec_rows = old_lm_head.matvec_rows
         return head
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # generate() would make position_ids from the mask and pass them every step: a recurrent model needs
+        # none, and with them each step would look for document starts (a host sync per token on a GPU, and
+        # the packed path under torch.compile and export). position_ids a caller passes still count.
+        return None
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # Create our cache up front (generate() only creates key/value caches itself), so that chunked
         # prefill and continuing from the returned cache work like for attention models.
