@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from xlstm_hf.cells import check_resets
+
 from .common import dot_precision, launch, mma
 
 _NEG_INF = tl.constexpr(float("-inf"))  # usable inside @triton.jit functions
@@ -592,7 +594,7 @@ def _check(q, k, v, i, f, chunk_size):
 
 
 def mlstm_chunkwise_triton(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64,
-                           resets=None, **_):
+                           resets=None):
     """`xlstm_hf.cells.mlstm_chunkwise` in Triton (same signature, shapes, semantics and gradients).
 
     q, k: (B, NH, T, DK); v: (B, NH, T, DV); i, f: (B, NH, T) gate pre-activations; any T >= 1.
@@ -603,10 +605,7 @@ def mlstm_chunkwise_triton(q, k, v, i, f, initial_state=None, output_final_state
     _check(q, k, v, i, f, chunk_size)
     B, NH, T, DK = q.shape
     if resets is not None:  # a document start is a forget gate of exactly zero (see the module docstring)
-        if resets.shape != (B, T) or resets.dtype != torch.bool:
-            raise ValueError(f"resets must be a bool tensor of shape (batch, length) = {(B, T)}, got "
-                             f"{tuple(resets.shape)} {resets.dtype}")
-        f = f.masked_fill(resets[:, None, :], float("-inf"))
+        f = f.masked_fill(check_resets(resets, B, T)[:, None, :], float("-inf"))
     DV = v.shape[-1]
     # Chunking does not change the function, only the work split: take the nearest chunk size the
     # kernels support (tl.dot needs >= 16), and for a sequence within one chunk the smallest that holds it.

@@ -80,11 +80,13 @@ def mlstm_zero_state(batch: int, heads: int, dk: int, dv: int, device=None, dtyp
 
 
 @float32_compute
-def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, resets=None, **_):
+def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=None,
+                   resets=None):
     """mLSTM over a whole sequence in the quadratic parallel form (no state in or out).
 
     q, k: (B, NH, T, DK); v: (B, NH, T, DV); i, f: (B, NH, T) input/forget gate pre-activations; resets:
-    optional (B, T) bool, True where a new sequence starts (packed documents: a token sees only its own).
+    optional (B, T) bool, True where a new sequence starts (packed documents: a token sees only its own);
+    chunk_size: unused (the forms share one signature).
     Returns (h (B, NH, T, DV), None).
     """
     if initial_state is not None or output_final_state:
@@ -96,7 +98,7 @@ def mlstm_parallel(q, k, v, i, f, initial_state=None, output_final_state=False, 
     b = F.logsigmoid(f).cumsum(-1)  # b_t = sum_{s<=t} log f_s
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     if resets is not None:  # s and t in the same document: the same count of document starts up to them
-        document = _check_resets(resets, q.shape[0], T).cumsum(-1)[:, None]
+        document = check_resets(resets, q.shape[0], T).cumsum(-1)[:, None]
         causal = causal & (document[..., :, None] == document[..., None, :])
     # log D[t, s] = log(f_{s+1} ... f_t) + i~_s for s <= t
     log_d = (b[..., :, None] - b[..., None, :] + i[..., None, :]).masked_fill(~causal, float("-inf"))
@@ -132,11 +134,12 @@ def _mlstm_prepare(q, k, v, i, f, initial_state, resets=None):
     C, n, m = (s.to(q.dtype) for s in initial_state)
     log_f = F.logsigmoid(f)
     if resets is not None:
-        log_f = log_f.masked_fill(_check_resets(resets, q.shape[0], q.shape[-2])[:, None, :], float("-inf"))
+        log_f = log_f.masked_fill(check_resets(resets, q.shape[0], q.shape[-2])[:, None, :], float("-inf"))
     return q, k, v, i, log_f, C, n, m
 
 
-def _check_resets(resets, B, T):
+def check_resets(resets, B, T):
+    """`resets` itself, if it is a (B, T) bool tensor; else a ValueError that says what it must be."""
     if resets.shape != (B, T) or resets.dtype != torch.bool:
         raise ValueError(f"resets must be a bool tensor of shape (batch, length) = {(B, T)}, got "
                          f"{tuple(resets.shape)} {resets.dtype}")
@@ -264,7 +267,7 @@ def _mlstm_chunkwise_loop(q, k, v, i, log_f, C, n, m, eps, chunk_size, states=No
 
 @float32_compute
 def mlstm_chunkwise(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=64,
-                    resets=None, **_):
+                    resets=None):
     """mLSTM over a sequence chunk by chunk: memory linear in T, any T (not only multiples of chunk_size).
 
     Inside a chunk the parallel form is used, with the carried state (C, n, m) as an extra term; between
@@ -405,7 +408,7 @@ def _mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, eps, L, e
 
 @float32_compute
 def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6,
-                              chunk_size=64, state_every=1, resets=None, **_):
+                              chunk_size=64, state_every=1, resets=None):
     """`mlstm_chunkwise` (same signature, function and gradients) whose backward recomputes each chunk from
     the state carried into it (`MLSTMChunkwiseFunction`), instead of autograd keeping every chunk's
     intermediates: training memory is the inputs plus one (C, n, m) per chunk. With `state_every` = K > 1
@@ -530,11 +533,12 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState, eps=1e-6, fused_update=None):
 
 
 @float32_compute
-def mlstm_recurrent(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, resets=None, **_):
-    """mLSTM over a sequence one step at a time (shapes and resets as `mlstm_chunkwise`)."""
+def mlstm_recurrent(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=None,
+                    resets=None):
+    """mLSTM over a sequence one step at a time (shapes and resets as `mlstm_chunkwise`; chunk_size unused)."""
     B, NH, T, DK = q.shape
     if resets is not None:  # a reset is a forget gate of exactly zero: log sigmoid(-inf) = -inf
-        f = f.masked_fill(_check_resets(resets, B, T)[:, None, :], float("-inf"))
+        f = f.masked_fill(check_resets(resets, B, T)[:, None, :], float("-inf"))
     # the steps update their state in place: never the caller's
     state = tuple(t.clone() for t in initial_state) if initial_state is not None else \
         mlstm_zero_state(B, NH, DK, v.shape[-1], q.device)
@@ -593,7 +597,7 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
     state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device)
     h, c, n, m = (s.to(x.dtype).transpose(0, 1) for s in state)  # each (NH, B, DH)
     keeps = [None] * T if mask is None else mask.T[:, None, :, None].unbind(0)  # each (1, B, 1)
-    starts = [None] * T if resets is None else _check_resets(resets, B, T).T[:, None, :, None].unbind(0)
+    starts = [None] * T if resets is None else check_resets(resets, B, T).T[:, None, :, None].unbind(0)
     outputs = []
     # unbind() rather than wx[t]: indexing in the loop would give each step a full-size zero gradient
     for wx_t, keep, start in zip(wx.unbind(0), keeps, starts):
@@ -666,7 +670,7 @@ def slstm_by_document(slstm, x, recurrent_kernel, bias, initial_state=None, outp
     first document continues the row's initial state (unless it is reset too); the final state of a row is
     that of its last document."""
     B, T, NH, G, DH = x.shape
-    groups, scatter, first, last = documents_as_rows(_check_resets(resets, B, T), mask)
+    groups, scatter, first, last = documents_as_rows(check_resets(resets, B, T), mask)
     flat_x = x.reshape(B * T, NH, G, DH)
     outputs, finals = [], []
     for docs, gather, valid in groups:

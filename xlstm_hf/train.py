@@ -686,7 +686,7 @@ class StatefulTrainer(MatrixDecayTrainer):
         slot = self._micro_batches % self.args.gradient_accumulation_steps
         self._micro_batches += 1
         config = self.accelerator.unwrap_model(model).config
-        cache = self._carried.get(slot) or xLSTMCache(config)
+        cache = self._carried[slot] if slot in self._carried else xLSTMCache(config)
         inputs = {**inputs, "cache": cache, "use_cache": True}
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._carried[slot] = cache.detach()  # (the cache passed in is advanced in place)
