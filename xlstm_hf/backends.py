@@ -30,7 +30,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .cells import mlstm_chunkwise, mlstm_chunkwise_recompute, mlstm_parallel, mlstm_step
+from .cells import (mlstm_chunkwise, mlstm_chunkwise_recompute, mlstm_one_chunk, mlstm_parallel, mlstm_step,
+                    slstm_recurrent)
 from .configuration_xlstm import KERNEL_BACKENDS
 from .slstm_autograd import slstm_recurrent_bptt
 
@@ -47,7 +48,8 @@ AUTO_COMPILE_MIN_WIDTH = 512
 def fused_cpu(*tensors: torch.Tensor) -> bool:
     """xlstm_hf's fused CPU kernels (`kernels/cpu.py`) can take these tensors: on, built, CPU tensors of one
     dtype, float32 or float64, none needing gradients."""
-    return (cpu_kernels is not None and all(t.dtype == tensors[0].dtype for t in tensors)
+    return (cpu_kernels is not None and not torch.compiler.is_exporting()
+            and all(t.dtype == tensors[0].dtype for t in tensors)
             and cpu_kernels.available(tensors[0])
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
@@ -86,6 +88,17 @@ TORCH_OPS = {
     # the reference's function and gradients, with the backward over time written out (no autograd replay
     # of ~15 small operations per step)
     "slstm": slstm_recurrent_bptt,
+}
+
+
+#: under torch.export (and the exporters built on it: ONNX, ExecuTorch): standard torch operations only, and no
+#: loop whose length depends on the sequence length (export would fix it to the example's): the chunkwise mLSTM
+#: as one chunk (memory quadratic in T), the sLSTM's steps as a `scan`, the steps without in-place updates
+EXPORT_OPS = {
+    "mlstm_chunkwise": mlstm_one_chunk,
+    "mlstm_parallel": mlstm_parallel,
+    "mlstm_step": mlstm_step,
+    "slstm": slstm_recurrent,
 }
 
 
@@ -163,6 +176,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 def get_ops(name: str, device: torch.device) -> dict:
     """The operations of backend `name` for tensors on `device` (see the module docstring)."""
+    if torch.compiler.is_exporting():
+        return EXPORT_OPS
     return triton_ops() if resolve_backend(name, device) == "triton" else TORCH_OPS
 
 

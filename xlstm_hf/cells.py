@@ -35,6 +35,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._higher_order_ops import scan
 from torch.autograd.function import once_differentiable
 
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C (B,NH,DK,DV), n (B,NH,DK), m (B,NH)
@@ -407,6 +408,22 @@ def _mlstm_chunkwise_backward(q, k, v, i, log_f, h, saved, dh, dC, dn, eps, L, e
 
 
 @float32_compute
+def mlstm_one_chunk(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6, chunk_size=None,
+                    resets=None):
+    """`mlstm_chunkwise` (same signature and values) with the whole sequence as one chunk: the parallel form
+    with a state in and out. No loop whose length depends on T, which is what torch.export needs for a
+    sequence axis that stays dynamic; memory is quadratic in T (chunk_size unused)."""
+    out_dtype = v.dtype
+    q, k, v, i, log_f, C, n, m = _mlstm_prepare(q, k, v, i, f, initial_state, resets)
+    if initial_state is None:
+        C = n = None  # (the zero state: no carried terms)
+    T = q.shape[-2]
+    above_diagonal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    h, state = _mlstm_chunk(q, k, v, i, log_f, C, n, m, eps, above_diagonal, advance=output_final_state,
+                            segmented=resets is not None)
+    return h.to(out_dtype), (state if output_final_state else None)
+
+
 def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6,
                               chunk_size=64, state_every=1, resets=None):
     """`mlstm_chunkwise` (same signature, function and gradients) whose backward recomputes each chunk from
@@ -596,20 +613,35 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
     r = recurrent_kernel.reshape(NH, DH, G * DH)
     state = initial_state if initial_state is not None else slstm_zero_state(B, NH, DH, x.device)
     h, c, n, m = (s.to(x.dtype).transpose(0, 1) for s in state)  # each (NH, B, DH)
-    keeps = [None] * T if mask is None else mask.T[:, None, :, None].unbind(0)  # each (1, B, 1)
-    starts = [None] * T if resets is None else check_resets(resets, B, T).T[:, None, :, None].unbind(0)
-    outputs = []
-    # unbind() rather than wx[t]: indexing in the loop would give each step a full-size zero gradient
-    for wx_t, keep, start in zip(wx.unbind(0), keeps, starts):
+    keeps = None if mask is None else mask.T[:, None, :, None]  # (T, 1, B, 1)
+    starts = None if resets is None else check_resets(resets, B, T).T[:, None, :, None]
+
+    def step(state, wx_t, keep, start):
+        h, c, n, m = state
         if start is not None:  # a new document: it starts from the zero state
             h, c, n = (torch.where(start, 0.0, s) for s in (h, c, n))
             m = torch.where(start, float("-inf"), m)
-        h_new, c_new, n_new, m_new = slstm_pointwise(wx_t + torch.bmm(h, r).view(NH, B, G, DH), c, n, m)
-        if keep is not None:
-            h_new, c_new, n_new, m_new = (torch.where(keep, a, b) for a, b in ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
-        h, c, n, m = h_new, c_new, n_new, m_new
-        outputs.append(h)
-    out = torch.stack(outputs, dim=0).permute(2, 0, 1, 3).to(out_dtype)  # (B, T, NH, DH)
+        new = slstm_pointwise(wx_t + torch.bmm(h, r).view(NH, B, G, DH), c, n, m)
+        return new if keep is None else tuple(torch.where(keep, a, b) for a, b in zip(new, (h, c, n, m)))
+
+    if isinstance(T, torch.SymInt):
+        # a sequence axis that stays dynamic (torch.export): the steps as one `scan`, whose length stays
+        # symbolic where a loop would be unrolled for the example's T; padding and resets as (T, 1, B, 1) masks
+        keeps = torch.ones(T, 1, B, 1, dtype=torch.bool, device=x.device) if keeps is None else keeps
+        starts = torch.zeros(T, 1, B, 1, dtype=torch.bool, device=x.device) if starts is None else starts
+        def combine(state, xs):  # (the scan needs one layout for the state it carries: contiguous)
+            new = tuple(t.contiguous() for t in step(state, *xs))
+            return new, new[0].clone()
+
+        (h, c, n, m), out = scan(combine, tuple(t.contiguous() for t in (h, c, n, m)), (wx, keeps, starts))
+    else:
+        outputs = []
+        # unbind() rather than wx[t]: indexing in the loop would give each step a full-size zero gradient
+        for t, wx_t in enumerate(wx.unbind(0)):
+            h, c, n, m = step((h, c, n, m), wx_t, None if keeps is None else keeps[t], None if starts is None else starts[t])
+            outputs.append(h)
+        out = torch.stack(outputs, dim=0)
+    out = out.permute(2, 0, 1, 3).to(out_dtype)  # (B, T, NH, DH)
     final = tuple(s.transpose(0, 1) for s in (h, c, n, m)) if output_final_state else None
     return out, final
 

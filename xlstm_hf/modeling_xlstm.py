@@ -24,16 +24,19 @@ cu_seq_lens), nothing before it is seen: the mLSTM's forget gate is exactly zero
 from the zero state, and the convolutions' taps do not reach back past it (`Documents`).
 """
 
+import json
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -733,48 +736,73 @@ BLOCKS = {("paper", "m"): mLSTMBlock, ("paper", "s"): sLSTMBlock, ("large", "m")
 # --------------------------------------------------------------------------------------------------
 
 
-class xLSTMCache:
-    """The recurrent state of every block, which is all an xLSTM needs to continue a sequence.
+#: the names of each block type's cell states, in the order the cache layers keep them
+MLSTM_STATE, SLSTM_STATE = ("C", "n", "m"), ("h", "c", "n", "m")
 
-    `states[j]` is None before block j has seen input, else a dict of tensors with batch first:
-    mLSTM blocks {"conv": (B, K-1, I), "C": (B, NH, DK, DV), "n": (B, NH, DK), "m": (B, NH)} (no "conv"
-    in the large design);
-    sLSTM blocks {"conv": (B, K-1, H), "h", "c", "n", "m": (B, NH, DH)}. "conv" is None without a conv.
-    Cell states are float32; memory is constant in the sequence length.
+
+class xLSTMCacheLayer(LinearAttentionLayer):
+    """One block's recurrent state, as a transformers linear-attention cache layer.
+
+    `recurrent_states[i]` holds the cell state `names[i]`: mLSTM blocks C (B, NH, DK, DV), n (B, NH, DK),
+    m (B, NH); sLSTM blocks h, c, n, m (B, NH, DH); all float32. `conv_states[0]` holds the causal conv's last
+    K-1 inputs, time last as the library keeps conv states: (B, F, K-1) (none without a conv, as in the large
+    design). The buffers are made at the first write and then updated in place: static shapes and addresses,
+    which compiled decoding and CUDA graphs replay on. A write with autograd on (training with a carried state)
+    replaces them instead, since the graph may still need the old values.
     """
 
-    is_compileable = False  # a user-passed cache must not trigger generate()'s auto-compile
-    is_croppable = False  # a recurrent state cannot be rolled back (no assisted decoding)
+    def __init__(self, names: tuple[str, ...] = (), conv: bool = True):
+        super().__init__(number_of_states=max(len(names), 1))
+        self.names, self.conv = tuple(names), conv  # (conv: the block's state has a "conv" entry, maybe None)
 
-    def __init__(self, config: xLSTMConfig | None = None, num_blocks: int | None = None):
-        self.states: list[dict | None] = [None] * (num_blocks if num_blocks is not None else config.num_blocks)
-        self.seen_tokens = 0
+    def read(self) -> dict | None:
+        """The state as a block takes it: {name: tensor, "conv": (B, K-1, F) view or None}, or None before any input."""
+        if not self.has_previous_state[0]:
+            return None
+        state = {name: self.recurrent_states[i] for i, name in enumerate(self.names)}
+        if self.conv:
+            state["conv"] = self.conv_states[0].transpose(1, 2) if self.is_conv_states_initialized[0] else None
+        return state
 
-    @property
-    def is_linear(self) -> list[bool]:
-        # transformers >= 5.24 cuts already-consumed positions off the prompt (by get_seq_length()) only for
-        # caches whose layers are not "linear" (its Mamba caches); ours counts them exactly, and continuing
-        # from a returned cache with the whole sequence needs that cut
-        return [False] * len(self.states)
+    def write(self, state: dict) -> None:
+        """Store a block's new state (the dict `read` returns)."""
+        names = tuple(name for name in state if name != "conv")
+        if names != self.names:
+            if any(self.is_recurrent_states_initialized.values()):
+                raise ValueError(f"this cache layer holds the states {self.names}, not {names}")
+            self.__init__(names)
+        self.conv = "conv" in state
+        for i, name in enumerate(names):
+            self._put(self.recurrent_states, self.is_recurrent_states_initialized, i, state[name])
+        if state.get("conv") is not None:
+            self._put(self.conv_states, self.is_conv_states_initialized, 0, state["conv"].transpose(1, 2))
+            self.conv_kernel_size[0] = state["conv"].shape[1]  # (K-1: the stored width, as the library counts it)
+        self.has_previous_state = dict.fromkeys(range(self.number_of_states), True)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Number of positions (padding included) the state has consumed."""
-        return self.seen_tokens
+    def _put(self, buffers: dict, initialized: dict, i: int, value: torch.Tensor) -> None:
+        if self.device is None:
+            self.device, self.dtype = value.device, value.dtype
+        buffer = buffers[i]
+        if value is buffer:  # (a decode step updated the buffer itself in place)
+            return
+        if torch.is_grad_enabled():
+            buffers[i] = value  # (autograd may have saved the old values: no in-place update)
+        elif not initialized[i] or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            buffers[i] = torch.empty(value.shape, dtype=value.dtype, device=value.device).copy_(value)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(buffers[i])
+        else:
+            buffer.copy_(value)
+        initialized[i] = True
 
-    @property
-    def batch_size(self) -> int | None:
-        for state in self.states:
-            if state is not None:
-                return next(t for t in state.values() if t is not None).shape[0]
-        return None
-
-    def _map(self, fn):
-        self.states = [
-            None if s is None else {k: (None if t is None else fn(t)) for k, t in s.items()} for s in self.states
-        ]
+    def _map(self, fn) -> None:
+        for buffers, initialized in ((self.conv_states, self.is_conv_states_initialized),
+                                     (self.recurrent_states, self.is_recurrent_states_initialized)):
+            for i in range(self.number_of_states):
+                if initialized[i]:
+                    buffers[i] = fn(buffers[i])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search)."""
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -783,20 +811,157 @@ class xLSTMCache:
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map(lambda t: t[indices])
 
+    def detached(self) -> "xLSTMCacheLayer":
+        copy = xLSTMCacheLayer(self.names, self.conv)
+        copy.device, copy.dtype, copy.conv_kernel_size = self.device, self.dtype, dict(self.conv_kernel_size)
+        for name in ("conv_states", "recurrent_states"):
+            flags = getattr(self, f"is_{name}_initialized")
+            getattr(copy, name).update({i: t.detach() for i, t in getattr(self, name).items() if flags[i]})
+            getattr(copy, f"is_{name}_initialized").update(flags)
+        copy.has_previous_state = dict(self.has_previous_state)
+        return copy
+
+
+class xLSTMCache(Cache):
+    """The recurrent state of every block, which is all an xLSTM needs to continue a sequence: a transformers
+    `Cache` of one `xLSTMCacheLayer` per block, plus the number of positions consumed. Memory is constant in
+    the sequence length.
+
+    - `generate()` takes it for every mode (greedy, sampling, beam search, `num_return_sequences`, chunked
+      prefill, continuing from a returned cache with the whole sequence or only the new tokens).
+    - It is compileable: fixed shapes, buffers updated in place (see `xLSTMCacheLayer`), so a compiled decode
+      step runs once per batch size, and CUDA graphs replay on it. generate() compiles only when asked
+      (`compile_config=...`).
+    - It is a pytree node (registered below), so torch.export and transformers' exporters take it as an input
+      and output: its leaves are the state tensors, named `layers.{j}.{name}` (see `cache_pytree_leaves`).
+    - `states` reads every block's state as a dict ({"conv": (B, K-1, F) or None, "C", "n", "m"} or
+      {"conv", "h", "c", "n", "m"}), None for a block that has seen no input.
+    """
+
+    def __init__(self, config: xLSTMConfig | None = None, num_blocks: int | None = None):
+        num_blocks = num_blocks if num_blocks is not None else config.num_blocks
+        names = {"m": MLSTM_STATE, "s": SLSTM_STATE}
+        kinds = config.block_types if config is not None else [None] * num_blocks
+        super().__init__(layers=[xLSTMCacheLayer(names.get(kind, ())) for kind in kinds])
+        # positions consumed (padding included), as a 0-d tensor on the states' device: counted in place by
+        # compiled and exported steps alike, read on the host only where generate() asks (get_seq_length)
+        self.seen = None
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # transformers >= 5.24 cuts already-consumed positions off the prompt (by get_seq_length()) only for caches
+        # whose layers are not "linear"; ours counts them exactly, and continuing from a returned cache with the
+        # whole sequence needs that cut. (The 4D attention mask that generate() then builds for compileable
+        # caches is not built for ours: xLSTMForCausalLM.create_masks_for_generate.)
+        return [False] * len(self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of positions (padding included) the state has consumed (a host sync on accelerators)."""
+        return 0 if self.seen is None else int(self.seen)
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.get_seq_length()
+
+    def advance(self, positions: int, device: torch.device) -> None:
+        """Count `positions` more consumed positions (in place: a compiled or exported step can do it)."""
+        if self.seen is None:
+            self.seen = torch.zeros((), dtype=torch.long, device=device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.seen)
+        self.seen.add_(positions)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether any block holds a state (a Python bool, fixed for a compiled or exported step)."""
+        return any(layer.has_previous_state[0] for layer in self.layers)
+
+    @property
+    def states(self) -> list[dict | None]:
+        return [layer.read() for layer in self.layers]
+
+    @property
+    def batch_size(self) -> int | None:
+        for layer in self.layers:
+            for i, ready in layer.is_recurrent_states_initialized.items():
+                if ready:
+                    return layer.recurrent_states[i].shape[0]
+        return None
+
+    def reset(self) -> None:
+        """Back to the empty state, keeping the buffers (and their addresses)."""
+        for layer in self.layers:
+            layer.has_previous_state = dict.fromkeys(layer.has_previous_state, False)
+        if self.seen is not None:
+            self.seen.zero_()
+
     def detach(self) -> "xLSTMCache":
         """A copy whose states are cut from the autograd graph (the same tensors' values, no history): truncated
         backpropagation through time continues from it, and the next segment's backward stops there."""
-        copy = xLSTMCache(num_blocks=len(self.states))
-        copy.states = [None if s is None else {k: (None if t is None else t.detach()) for k, t in s.items()}
-                       for s in self.states]
-        copy.seen_tokens = self.seen_tokens
+        copy = xLSTMCache(num_blocks=len(self.layers))
+        copy.layers = [layer.detached() for layer in self.layers]
+        copy.seen = None if self.seen is None else self.seen.clone()
         return copy
 
-    def __len__(self) -> int:
-        return len(self.states)
+    @classmethod
+    def from_states(cls, states: list[dict | None], seen_tokens: int = 0) -> "xLSTMCache":
+        """A cache holding `states` (as `states` returns them, e.g. saved with torch.save)."""
+        cache = cls(num_blocks=len(states))
+        for layer, state in zip(cache.layers, states):
+            if state is not None:
+                layer.write(state)
+        device = next((t.device for s in states if s for t in s.values() if t is not None), torch.device("cpu"))
+        cache.advance(seen_tokens, device)
+        return cache
 
     def __repr__(self) -> str:
-        return f"xLSTMCache(blocks={len(self.states)}, seen_tokens={self.seen_tokens}, batch_size={self.batch_size})"
+        seen = "?" if self.seen is None or not reads_values(self.seen) else self.get_seq_length()
+        return f"xLSTMCache(blocks={len(self.layers)}, seen_tokens={seen}, batch_size={self.batch_size})"
+
+
+def _cache_flatten_with_keys(cache: xLSTMCache):
+    """The cache as a pytree node: leaves (key, tensor) for every stored state tensor, named layers.{j}.{name}
+    ("conv" for the conv window, time last) and "seen"; the context (which blocks hold which states) is plain
+    data, fixed from one decode step to the next, so an exported decode step takes the cache it returns."""
+    leaves, layers = [], []
+    for j, layer in enumerate(cache.layers):
+        conv = layer.is_conv_states_initialized[0]
+        stored = [name for i, name in enumerate(layer.names) if layer.is_recurrent_states_initialized[i]]
+        layers.append([list(layer.names), layer.conv, layer.conv_kernel_size[0] if conv else None, stored,
+                       layer.has_previous_state[0]])
+        if conv:
+            leaves.append((pytree.MappingKey(f"layers.{j}.conv"), layer.conv_states[0]))
+        leaves += [(pytree.MappingKey(f"layers.{j}.{name}"), layer.recurrent_states[i])
+                   for i, name in enumerate(layer.names) if name in stored]
+    if cache.seen is not None:
+        leaves.append((pytree.MappingKey("seen"), cache.seen))
+    return leaves, [layers, cache.seen is not None]
+
+
+def _cache_flatten(cache: xLSTMCache):
+    leaves, context = _cache_flatten_with_keys(cache)
+    return [leaf for _, leaf in leaves], context
+
+
+def _cache_unflatten(values, context) -> xLSTMCache:
+    values, (layers, has_seen) = iter(values), context
+    cache = xLSTMCache(num_blocks=len(layers))
+    for layer, (names, has_conv, conv_width, stored, live) in zip(cache.layers, layers):
+        layer.__init__(tuple(names), has_conv)
+        if conv_width is not None:
+            layer.conv_states[0], layer.is_conv_states_initialized[0] = next(values), True
+            layer.conv_kernel_size[0] = conv_width
+        for i, name in enumerate(names):
+            if name in stored:
+                layer.recurrent_states[i], layer.is_recurrent_states_initialized[i] = next(values), True
+        layer.has_previous_state = dict.fromkeys(range(layer.number_of_states), live)
+    cache.seen = next(values) if has_seen else None
+    return cache
+
+
+pytree.register_pytree_node(
+    xLSTMCache, _cache_flatten, _cache_unflatten, serialized_type_name=f"{__name__}.xLSTMCache",
+    flatten_with_keys_fn=_cache_flatten_with_keys, to_dumpable_context=json.dumps, from_dumpable_context=json.loads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -908,12 +1073,13 @@ class xLSTMModel(xLSTMPreTrainedModel):
                 raise ValueError(f"the cache holds {len(cache)} blocks, the model has {len(self.blocks)}")
             if cache.batch_size is not None and cache.batch_size != B:
                 raise ValueError(f"the cache has batch size {cache.batch_size}, the input has {B}")
-        past = cache.get_seq_length() if cache is not None else 0
+        # positions the cache has seen: for checking the mask's width, where reading the counter is free
+        past = 0 if cache is None or cache.seen is None else cache.get_seq_length() if reads_values(cache.seen) else None
         mask = self._padding_mask(attention_mask, B, T, past)
         if "_resets" in kwargs:  # (a segment of a long prefill, below: the starts of the whole call)
             resets = kwargs.pop("_resets")
         else:
-            resets = document_starts(position_ids, kwargs, mask, B, T, past > 0)
+            resets = document_starts(position_ids, kwargs, mask, B, T, cache is not None and cache.has_state)
         segment = self._prefill_segment(B, T, output_hidden_states)
         if segment:  # a long prefill, segment by segment through a cache (see _prefill_segment)
             cache = cache if cache is not None else xLSTMCache(self.config)
@@ -934,20 +1100,20 @@ class xLSTMModel(xLSTMPreTrainedModel):
         compiled = (T == 1 and cache is not None and mask is None and documents is None
                     and inference_compiled(self, hidden.device, self.blocks))
         for j, block in enumerate(self.blocks):
-            state = cache.states[j] if cache is not None else None
+            state = cache.layers[j].read() if cache is not None else None
             # (blocks are called directly when not compiling our decode step: under a user's torch.compile,
             # one shared decode_call frame would be re-specialised for every block type and length)
             args = (hidden, state, mask, cache is not None)
             hidden, new_state = decode_call(True, block, *args) if compiled else block(*args, documents=documents)
-            if cache is not None:  # (dense: the compiled decode step sees one layout, after a prefill or a step)
-                cache.states[j] = {k: v if v is None else dense(v) for k, v in new_state.items()}
+            if cache is not None:  # (into the layer's own dense buffers: one layout for every compiled step)
+                cache.layers[j].write(new_state)
             if output_hidden_states:
                 all_hidden += (hidden,)
         hidden = self.final_norm(hidden)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
         if cache is not None:
-            cache.seen_tokens += T
+            cache.advance(T, hidden.device)
         out_cache = cache if use_cache else None
         if not return_dict:
             return tuple(v for v in (hidden, out_cache, all_hidden) if v is not None)
@@ -966,17 +1132,21 @@ class xLSTMModel(xLSTMPreTrainedModel):
         return segment if length > segment else None
 
     @staticmethod
-    def _padding_mask(attention_mask, batch: int, length: int, past: int) -> torch.Tensor | None:
+    def _padding_mask(attention_mask, batch: int, length: int, past: int | None) -> torch.Tensor | None:
         """The (B, T) bool mask of real positions for this call, or None when every position is known to be real.
 
-        Accepts (B, T), or (B, past + T) as `generate()` passes it (the whole sequence so far), holding 1 (or
+        Accepts (B, T), or (B, past + T) as `generate()` passes it (the whole sequence so far; where `past`
+        is None, unknown without a host sync or while tracing, any width of at least T), holding 1 (or
         True) for real tokens and 0 for padding, as bool, integer or float. Other values are refused where
         they can be read for free (see `reads_values`): an additive mask (0 = keep, -inf = masked) means the
         opposite. Elsewhere (tracing, accelerators) the mask is used as given, without a host sync."""
         if attention_mask is None:
             return None
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past + length):
-            expected = f"({batch}, {length})" + (f" or ({batch}, {past + length})" if past else "")
+        width = attention_mask.shape[-1]
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or (
+                width not in (length, past + length) if past is not None else width < length):
+            expected = f"({batch}, {length})" + (f" or ({batch}, {past + length})" if past else
+                                                   f" or ({batch}, past + {length})" if past is None else "")
             raise ValueError(f"attention_mask must have shape {expected}, got {tuple(attention_mask.shape)}")
         if attention_mask.is_complex():
             raise ValueError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
@@ -1131,6 +1301,28 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         # none, and with them each step would look for document starts (a host sync per token on a GPU, and
         # the packed path under torch.compile and export). position_ids a caller passes still count.
         return None
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        # only the mask of the tokens this call feeds: the state holds the rest (and an exported decode step
+        # then takes a (B, 1) mask, not one that grows by a column per token)
+        mask, fed = inputs.get("attention_mask"), inputs.get("input_ids")
+        fed = fed if fed is not None else inputs.get("inputs_embeds")
+        if mask is not None and fed is not None and mask.dim() == 2 and mask.shape[1] > fed.shape[1]:
+            inputs["attention_mask"] = mask[:, mask.shape[1] - fed.shape[1]:]
+        return inputs
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
+        # generate() builds a 4D causal mask for compileable caches of attention layers; a recurrent model
+        # takes the 2D padding mask as it is
+        return attention_mask
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        # Our cache is compileable, which on CUDA would compile every generate() call (a one-time cost of
+        # many seconds); as for transformers' Mamba models, generate() compiles only when asked to, with
+        # `compile_config` (CompileConfig(): CUDA graphs on CUDA).
+        return generation_config.compile_config is not None and super()._valid_auto_compile_criteria(
+            model_kwargs, generation_config)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # Create our cache up front (generate() only creates key/value caches itself), so that chunked

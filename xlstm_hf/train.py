@@ -718,9 +718,7 @@ class StatefulTrainer(MatrixDecayTrainer):
             saved = torch.load(path, map_location=self.args.device, weights_only=True)
             self._micro_batches = saved["micro_batches"]
             for slot, entry in saved["carried"].items():
-                cache = xLSTMCache(num_blocks=len(entry["states"]))
-                cache.states, cache.seen_tokens = entry["states"], entry["seen_tokens"]
-                self._carried[slot] = cache
+                self._carried[slot] = xLSTMCache.from_states(entry["states"], entry["seen_tokens"])
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
