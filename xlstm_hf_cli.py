@@ -150,7 +150,18 @@ def check_convert(args: argparse.Namespace) -> None:
         raise ValueError("--tokenizer applies to conversions into xlstm_hf only")
 
 
-CHECKS = {"demo": check_demo, "generate": check_generate, "train": check_train, "convert": check_convert}
+def check_export(args: argparse.Namespace) -> None:
+    model_folder(args.model)
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--prompt-length", args.prompt_length, 2)
+    _at_least("--check-tokens", args.check_tokens, 0)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{args.out} exists and is not a folder")
+
+
+CHECKS = {"demo": check_demo, "generate": check_generate, "train": check_train, "convert": check_convert,
+          "export": check_export}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xlstm-hf",
         description="xLSTM (Beck et al. 2024) as a Hugging Face Transformers model: train a demo, generate "
                     "text, train or fine-tune on your text, convert checkpoints (official xlstm, transformers "
-                    "xLSTM / xLSTM-7B, xlstm_large) and export them back to transformers.",
+                    "xLSTM / xLSTM-7B, xlstm_large) and export them back to transformers, or export models to "
+                    "ONNX, ExecuTorch and torch.export.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -278,6 +290,32 @@ def build_parser() -> argparse.ArgumentParser:
                       help="official xlstm checkpoints: auto = the tokenizer files stored with the checkpoint, if "
                            "any (else none, with a warning); gpt2 = GPT-2's tokenizer (ids 50256); none = no "
                            "tokenizer (default: %(default)s)")
+
+    ex = sub.add_parser(
+        "export", help="export a model for ONNX Runtime, ExecuTorch or torch.export (prefill and decode programs)",
+        description="Export a model folder through transformers' exporters as two programs, prefill (the prompt) "
+                    "and decode (one token per row), which take input_ids, attention_mask and the recurrent state "
+                    "and return logits and the new state. The export is checked: its greedy tokens for a "
+                    "left-padded example batch must equal the model's generate(). OUT then holds the programs, "
+                    "export.json, the config and the model's tokenizer; ExportedModel.from_pretrained(OUT) loads "
+                    "it after `import xlstm_hf` (dynamo programs with trust_remote_code=True).",
+    )
+    ex.add_argument("model", metavar="MODEL", help="model folder (as written by save_pretrained)")
+    ex.add_argument("out", metavar="OUT", help="output folder")
+    ex.add_argument("--format", choices=("onnx", "executorch", "dynamo"), default="onnx",
+                    help="onnx (run with onnxruntime), executorch (XNNPACK, .pte) or dynamo (torch.export .pt2) "
+                         "(default: %(default)s)")
+    ex.add_argument("--static", action="store_true",
+                    help="static shapes: the programs take exactly --batch-size rows and a prefill of "
+                         "--prompt-length tokens (default: dynamic batch size and length; ExecuTorch needs "
+                         "--static for models with sLSTM blocks)")
+    ex.add_argument("--batch-size", type=int, default=2, metavar="B",
+                    help="rows of the example batch the programs are traced with (default: %(default)s)")
+    ex.add_argument("--prompt-length", type=int, default=8, metavar="T",
+                    help="tokens per row of the example batch (default: %(default)s)")
+    ex.add_argument("--check-tokens", type=int, default=8, metavar="N",
+                    help="greedy tokens compared with generate() after exporting; 0 = no check (default: "
+                         "%(default)s)")
     return parser
 
 

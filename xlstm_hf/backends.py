@@ -219,6 +219,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows, `matvec_reference` (what the compiler turns into a bandwidth-bound loop; several rows only pay
     off where x is the compiled graph's input, the LM head: inside a block, Inductor would recompute x's
     producers, a layer norm, in that loop for every row of W)."""
+    if torch.compiler.is_exporting():  # (a portable program, whose batch size may stay dynamic)
+        return F.linear(x, weight, bias)
     rows = x.numel() // max(x.shape[-1], 1)
     if x.device.type == "cpu" and rows <= max(max_rows, MATVEC_MAX_ROWS):
         fused = fused_cpu(x, weight, *(() if bias is None else (bias,)))

@@ -424,6 +424,7 @@ def mlstm_one_chunk(q, k, v, i, f, initial_state=None, output_final_state=False,
     return h.to(out_dtype), (state if output_final_state else None)
 
 
+@float32_compute
 def mlstm_chunkwise_recompute(q, k, v, i, f, initial_state=None, output_final_state=False, eps=1e-6,
                               chunk_size=64, state_every=1, resets=None):
     """`mlstm_chunkwise` (same signature, function and gradients) whose backward recomputes each chunk from
@@ -629,6 +630,7 @@ def slstm_recurrent(x, recurrent_kernel, bias, initial_state=None, output_final_
         # symbolic where a loop would be unrolled for the example's T; padding and resets as (T, 1, B, 1) masks
         keeps = torch.ones(T, 1, B, 1, dtype=torch.bool, device=x.device) if keeps is None else keeps
         starts = torch.zeros(T, 1, B, 1, dtype=torch.bool, device=x.device) if starts is None else starts
+
         def combine(state, xs):  # (the scan needs one layout for the state it carries: contiguous)
             new = tuple(t.contiguous() for t in step(state, *xs))
             return new, new[0].clone()

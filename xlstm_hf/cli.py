@@ -1,4 +1,4 @@
-"""The commands of `xlstm-hf`: `demo`, `generate`, `train` and `convert`.
+"""The commands of `xlstm-hf`: `demo`, `generate`, `train`, `convert` and `export`.
 
 The console script's entry point is the top-level module `xlstm_hf_cli`: it parses and checks the
 arguments with the standard library alone, then imports this module (and with it torch, transformers and
@@ -157,6 +157,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                    tokenizer=tokenizer)
     print(f"converted {src} ({fmt} checkpoint) -> {out or args.out}; load it with AutoModelForCausalLM.from_pretrained "
           f"after `import xlstm_hf`")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    from .export import check_format, example_inputs, export_model, generate_exported, state_names
+
+    model = load_model(args.model, dtype=torch.float32)
+    try:
+        check_format(args.format, model.config, not args.static)  # (before the long export)
+    except ImportError as error:  # a missing exporter package: one line, naming the pip install
+        raise OSError(str(error)) from error
+    print(f"exporting {args.model} to {args.format} ({'static' if args.static else 'dynamic'} shapes), traced on "
+          f"{args.batch_size} x {args.prompt_length} tokens ...")
+    exported = export_model(model, args.format, dynamic=not args.static, batch_size=args.batch_size,
+                            prompt_length=args.prompt_length)
+    if args.check_tokens:
+        inputs = example_inputs(model.config, args.batch_size, args.prompt_length, seed=1)
+        tokens, logits = generate_exported(exported, inputs["input_ids"], inputs["attention_mask"], args.check_tokens)
+        ref = model.generate(**inputs, max_new_tokens=args.check_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        if not torch.equal(tokens, ref.sequences[:, args.prompt_length:]):
+            raise ValueError(f"the exported programs' greedy tokens differ from generate()'s: {tokens.tolist()} vs "
+                             f"{ref.sequences[:, args.prompt_length:].tolist()}")
+        worst = max((a - b).abs().max().item() for a, b in zip(logits, ref.logits))
+        print(f"checked: {args.check_tokens} greedy tokens equal generate()'s on a left-padded batch; logits within "
+              f"{worst:.1e}")
+    exported.save_pretrained(args.out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        if (Path(args.model) / name).is_file():
+            shutil.copy(Path(args.model) / name, Path(args.out) / name)
+    with torch.no_grad():
+        cache = model(**example_inputs(model.config, args.batch_size, args.prompt_length), use_cache=True).cache
+    print(f"the decode step's state (for a batch of {args.batch_size}):")
+    for name, shape in state_names(cache).items():
+        print(f"  {name:44s} {tuple(shape)}")
+    print(f"saved to {Path(args.out).resolve()}")
     return 0
 
 

@@ -1309,7 +1309,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         mask, fed = inputs.get("attention_mask"), inputs.get("input_ids")
         fed = fed if fed is not None else inputs.get("inputs_embeds")
         if mask is not None and fed is not None and mask.dim() == 2 and mask.shape[1] > fed.shape[1]:
-            inputs["attention_mask"] = mask[:, mask.shape[1] - fed.shape[1]:]
+            inputs["attention_mask"] = mask[:, mask.shape[1] - fed.shape[1]:].contiguous()  # (compile guards on strides)
         return inputs
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
@@ -1377,8 +1377,8 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             hidden = hidden[:, logits_to_keep]
         if not (skip_logits and isinstance(logits_to_keep, int) and logits_to_keep == 0):
             # decoding (one position per row): compiled, one graph per batch size up to matvec_rows
-            compiled = (hidden.shape[1] == 1 and hidden.shape[0] <= getattr(self.lm_head, "matvec_rows", 0)
-                        and inference_compiled(self, hidden.device, self.lm_head))
+            compiled = (inference_compiled(self, hidden.device, self.lm_head) and hidden.shape[1] == 1
+                        and hidden.shape[0] <= getattr(self.lm_head, "matvec_rows", 0))
             if compiled:  # one layout for the compiled head (a prefill's last position is a strided view)
                 hidden = dense(hidden)
             logits = soft_cap(decode_call(compiled, self.lm_head, hidden).float(), self.config.logits_soft_cap)
