@@ -344,3 +344,62 @@ def test_formats_refuse_what_they_cannot_take(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(ImportError, match="exporting to onnx needs onnxscript: pip install onnx==1.21.0"):
         check_format("onnx", config, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# xlstm-hf export
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_export_dynamo(tmp_path, capsys):
+    """`xlstm-hf export MODEL OUT --format dynamo`: checked against generate(), saved with the tokenizer; the
+    saved export loads back and generates."""
+    from transformers.exporters import ExportedModel
+
+    from xlstm_hf import cli
+    from xlstm_hf.tokenization import load_gpt2_tokenizer  # noqa: F401  (the folder's tokenizer files)
+
+    model = tiny_model(design="large")
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "tokenizer_config.json").write_text("{}")
+    assert cli.main(["export", str(tmp_path / "model"), str(tmp_path / "out"), "--format", "dynamo"]) == 0
+    out = capsys.readouterr().out
+    assert "checked: 8 greedy tokens equal generate()'s on a left-padded batch" in out
+    assert "cache.layers.0.recurrent_states.0" in out and "(2, 2, 8, 16)" in out
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+    exported = ExportedModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    _check_generation(exported, model, *_batch())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "tflite"], None),  # argparse's own usage error
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--prompt-length", "1"], "--prompt-length must be at least 2"),
+])
+def test_cli_export_bad_arguments_exit_2(tmp_path, capsys, args, message):
+    from xlstm_hf import cli
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", str(tmp_path / "model"), str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and (message is None or message in err), err
+
+
+def test_cli_export_refuses_what_a_format_cannot_take(tmp_path, capsys, monkeypatch):
+    from xlstm_hf import cli
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    for fmt, message in (("onnx", "exporting to onnx needs onnxruntime: pip install onnx==1.21.0 onnxscript==0.7.0 "
+                                  "onnxruntime"),
+                         ("executorch", "ExecuTorch cannot take the sLSTM blocks' scan over time with dynamic shapes")):
+        if fmt == "executorch" and real("executorch") is None:
+            continue
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["export", str(tmp_path / "model"), str(tmp_path / "out"), "--format", fmt])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the model's loading progress bar)
+        assert err.startswith(f"xlstm-hf export: error: {message}"), err

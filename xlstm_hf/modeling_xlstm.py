@@ -962,6 +962,9 @@ def _cache_unflatten(values, context) -> xLSTMCache:
 pytree.register_pytree_node(
     xLSTMCache, _cache_flatten, _cache_unflatten, serialized_type_name=f"{__name__}.xLSTMCache",
     flatten_with_keys_fn=_cache_flatten_with_keys, to_dumpable_context=json.dumps, from_dumpable_context=json.loads)
+# a saved torch.export program keeps its example inputs, a cache among them: torch.load(weights_only=True) may
+# rebuild it (tensors and plain values only)
+torch.serialization.add_safe_globals([xLSTMCache, xLSTMCacheLayer])
 
 
 # --------------------------------------------------------------------------------------------------
