@@ -11,6 +11,8 @@ What it measures (the head dims of the shipped designs: the paper's 125M model, 
    in bf16 (tensor-core products) and in fp32 (exact products) against the PyTorch reference in fp32 on the
    same inputs: outputs, final states and every gradient, error relative to the largest entry. Pass: bf16
    < 2e-2 (bf16 has 8 bits: 3.9e-3 per rounding), fp32 < 1e-4. The exit status is 1 if any check fails.
+   Also generate() compiled through transformers' compile path (CUDA graphs) against eager generate(): the
+   same greedy tokens, logits within 1e-4, one compiled graph for the decode step.
 2. kernel speed: forward and forward + backward times, with the FLOP and byte bounds from peaks measured in the
    same run (a large bf16 matmul, a large copy); the PyTorch reference, transformers' native mLSTM path
    (mlstm_kernels' chunkwise--native_autograd, what transformers' xLSTM runs) and TFLA
@@ -172,6 +174,39 @@ def check_slstm(B, T, NH, DH, dtype, device):
     return {name: rel_err(a, b) for name, a, b in zip(names, *results)}
 
 
+def check_compiled_generate(device, dry_run):
+    """generate() compiled through transformers' path (`CompileConfig()`: mode "reduce-overhead", CUDA graphs on
+    CUDA) against eager generate(), the demo model in fp32, a left-padded batch: the share of greedy tokens that
+    differ, the logits' error, and the Dynamo graphs beyond one (the decode step must compile once). The dry run
+    uses a small model and Dynamo's "eager" backend on CPU."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    from xlstm_hf import xLSTMForCausalLM
+    from xlstm_hf.demo import demo_config
+
+    torch.manual_seed(0)
+    config = demo_config(vocab_size=512, hidden_size=64, num_blocks=2, slstm_at=[1]) if dry_run else demo_config()
+    model = xLSTMForCausalLM(config).to(device).eval()
+    ids = torch.randint(1, config.vocab_size, (4, 16), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=8 if dry_run else 32, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    ref = model.generate(ids, **kwargs)
+    compile_config = CompileConfig(backend="eager", mode="default") if dry_run else CompileConfig()
+    compile_config._compile_all_devices = True if dry_run else None
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for _ in range(2):  # (the second call replays what the first compiled)
+        out = model.generate(ids, compile_config=compile_config, **kwargs)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return {"tokens differing": (out.sequences != ref.sequences).float().mean().item(),
+            "logits": max(rel_err(a, b) for a, b in zip(out.logits, ref.logits)),
+            "graphs beyond one": float(graphs - 1)}
+
+
 def correctness(device, half, dry_run):
     rows = []
     mlstm = {"tiny": (1, 16, 32), "tiny, 2 x 3 tiles": (1, 96, 160)} if dry_run else MLSTM_SHAPES
@@ -190,6 +225,8 @@ def correctness(device, half, dry_run):
             Bs, Ts = (2, 4) if dry_run else (4, 128)
             rows.append(("sLSTM", design, f"B={Bs} T={Ts} NH={NH} DH={DH}, padded row", dtype,
                          check_slstm(Bs, Ts, NH, DH, dtype, device)))
+    rows.append(("generate compiled", "demo model", "B=4, 16 + 32 tokens, CompileConfig() (CUDA graphs)",
+                 torch.float32, check_compiled_generate(device, dry_run)))
     out = []
     for kernel, design, shape, dtype, errors in rows:
         worst = max(errors, key=errors.get)

@@ -172,3 +172,12 @@ def test_packing_benchmark_runs(tmp_path):
 def test_carry_state_benchmark_runs(tmp_path):
     report = _run_script("carry_state.py", tmp_path)
     assert "| 0-128 |" in report and "carry state" in report
+
+
+@pytest.mark.slow
+def test_export_decode_benchmark_runs(tmp_path):
+    """benchmarks/export_decode.py --quick: the three runtimes decode the same greedy tokens (the script fails
+    otherwise) and the report has their rows."""
+    report = _run_script("export_decode.py", tmp_path)
+    for row in ("| eager |", "| compiled |", "| onnxruntime |"):
+        assert row in report

@@ -22,7 +22,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())
     checks = report["correctness"]
-    assert {r["kernel"] for r in checks} == {"mLSTM chunkwise", "mLSTM step", "mLSTM packed", "sLSTM"}
+    assert {r["kernel"] for r in checks} == {"mLSTM chunkwise", "mLSTM step", "mLSTM packed", "sLSTM",
+                                             "generate compiled"}
     assert {r["dtype"] for r in checks} == {"float16", "float32"} and all(r["pass"] for r in checks)
     timed = {(r["kernel"], r["impl"]) for r in report["kernels"]}
     for kernel in ("mLSTM chunkwise", "mLSTM step", "sLSTM"):
