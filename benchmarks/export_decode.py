@@ -1,7 +1,7 @@
 """Decode speed of the exported ONNX program in onnxruntime against PyTorch, eager and compiled, on this CPU.
 
 One model, fp32, random weights (speed does not depend on them): by default the demo's xLSTM[7:1] (8 blocks,
-256 wide, 16.2M parameters, GPT-2 vocabulary) and a 125M-class xLSTM[7:1] (12 blocks, 768 wide). For each
+256 wide, 16.2M parameters, GPT-2 vocabulary) and an xLSTM[11:1] of 12 blocks, 768 wide (81.8M parameters). For each
 batch size, every runtime prefills the same left-padded prompts of --prompt tokens and then decodes --tokens
 tokens greedily, feeding each step its previous token:
 
@@ -42,7 +42,7 @@ from xlstm_hf.export import export_model  # noqa: E402
 
 MODELS = {
     "demo (8 x 256)": lambda: demo_config(),
-    "125M-class (12 x 768)": lambda: demo_config(hidden_size=768, num_blocks=12, slstm_at=[3]),
+    "xLSTM[11:1] 12 x 768": lambda: demo_config(hidden_size=768, num_blocks=12, slstm_at=[3]),
     "tiny (4 x 32)": lambda: xLSTMConfig(vocab_size=97, hidden_size=32, num_blocks=4, slstm_at=[1],
                                          mlstm_num_heads=2, slstm_num_heads=2, chunk_size=8, pad_token_id=0),
 }
@@ -57,9 +57,9 @@ def prompts(config, batch: int, length: int):
     return ids, mask
 
 
-@torch.no_grad()
 def torch_decoder(model, ids, mask, steps: int):
     """A function running `steps` decode steps from the prompt's state: (seconds, tokens)."""
+    @torch.no_grad()
     def run():
         out = model(ids, attention_mask=mask, use_cache=True)
         cache, token, tokens = out.cache, out.logits[:, -1:].argmax(-1), []
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"),
                         help="folder for export_decode.md/json")
     args = parser.parse_args(argv)
-    models = ["tiny (4 x 32)"] if args.quick else ["demo (8 x 256)", "125M-class (12 x 768)"]
+    models = ["tiny (4 x 32)"] if args.quick else ["demo (8 x 256)", "xLSTM[11:1] 12 x 768"]
     if args.quick:
         args.batch, args.prompt, args.tokens, args.repeats = [2], 8, 4, 2
     threads = torch.get_num_threads()
