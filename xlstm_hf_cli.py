@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--static", action="store_true",
                     help="static shapes: the programs take exactly --batch-size rows and a prefill of "
                          "--prompt-length tokens (default: dynamic batch size and length; ExecuTorch needs "
-                         "--static for models with sLSTM blocks)")
+                         "--static)")
     ex.add_argument("--batch-size", type=int, default=2, metavar="B",
                     help="rows of the example batch the programs are traced with (default: %(default)s)")
     ex.add_argument("--prompt-length", type=int, default=8, metavar="T",

@@ -174,6 +174,7 @@ def test_compiled_generate_with_inductor(design):
     config = CompileConfig(fullgraph=True, mode="default")
     config._compile_all_devices = True
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     ids, mask = _batch()
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
@@ -298,9 +299,26 @@ def test_onnx_export_for_generation(design_, tmp_path):
     assert [i.name for i in decode.get_inputs()] == ["input_ids", "attention_mask", *(f"input.{n}" for n in names)]
     assert [o.name for o in decode.get_outputs()] == ["logits", *(f"output.{n}" for n in names)]
     assert [o.name for o in exported.runners["prefill"].session.get_outputs()] == ["logits", *names]
-    assert names["cache.seen"] == () and names["cache.layers.0.recurrent_states.0"] == (2, 2, 32, 32)
+    assert names["cache.seen"] == () and names["cache.layers.0.recurrent_states.0"] == tuple(
+        cache.layers[0].recurrent_states[0].shape) == (2, model.config.mlstm_num_heads, 8 if design_ == "large" else 32,
+                                                      16 if design_ == "large" else 32)
     _round_trip(exported, model, tmp_path)
     _onnxruntime_alone(tmp_path / "export", model)
+
+
+@needs("onnx", "onnxscript", "onnxruntime")
+@pytest.mark.slow
+def test_onnx_export_with_static_shapes_and_of_the_forward():
+    model = tiny_model(num_blocks=2, slstm_at=[1])
+    _check_generation(export_model(model, "onnx", dynamic=False, batch_size=3, prompt_length=7), model, *_batch())
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    forward = OnnxExporter().export(model, {**example_inputs(model.config), "use_cache": False},
+                                    OnnxConfig(dynamic=True))
+    ids, mask = _batch(length=11)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(input_ids=ids, attention_mask=mask)["logits"],
+                                   model(ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
 
 
 def _onnxruntime_alone(folder: Path, model):
@@ -324,9 +342,9 @@ def test_executorch_export_for_generation_static():
 
 @needs("executorch")
 @pytest.mark.slow
-def test_executorch_export_for_generation_dynamic_large_design(tmp_path):
+def test_executorch_export_for_generation_static_large_design(tmp_path):
     model = tiny_model(design="large")
-    exported = export_model(model, "executorch", dynamic=True)
+    exported = export_model(model, "executorch", dynamic=False, batch_size=3, prompt_length=7)
     _check_generation(exported, model, *_batch())
     _round_trip(exported, model, tmp_path)
 
@@ -336,10 +354,10 @@ def test_formats_refuse_what_they_cannot_take(monkeypatch):
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         check_format("tflite", config, True)
     if importlib.util.find_spec("executorch") is not None:
-        with pytest.raises(ValueError, match="ExecuTorch cannot take the sLSTM"):
-            check_format("executorch", config, True)
+        for design in ("paper", "large"):
+            with pytest.raises(ValueError, match="ExecuTorch programs take static shapes only"):
+                check_format("executorch", tiny_model(design=design).config, True)
         check_format("executorch", config, False)
-        check_format("executorch", tiny_model(design="large").config, True)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(ImportError, match="exporting to onnx needs onnxscript: pip install onnx==1.21.0"):
@@ -395,7 +413,7 @@ def test_cli_export_refuses_what_a_format_cannot_take(tmp_path, capsys, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     for fmt, message in (("onnx", "exporting to onnx needs onnxruntime: pip install onnx==1.21.0 onnxscript==0.7.0 "
                                   "onnxruntime"),
-                         ("executorch", "ExecuTorch cannot take the sLSTM blocks' scan over time with dynamic shapes")):
+                         ("executorch", "ExecuTorch programs take static shapes only")):
         if fmt == "executorch" and real("executorch") is None:
             continue
         with pytest.raises(SystemExit) as exit_info:

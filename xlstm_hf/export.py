@@ -19,8 +19,9 @@ What each format takes:
 - dynamic shapes (the default): any batch size and prompt length. The mLSTM then runs as one chunk
   (`cells.mlstm_one_chunk`, memory quadratic in the prompt length) and the sLSTM as a `scan` over time.
 - static shapes: the example's batch size and prompt length only (pad prompts to it, on the left).
-- ExecuTorch takes the sLSTM's scan only with static shapes (its passes lose the scan's symbolic length);
-  models without sLSTM blocks export with dynamic shapes there too.
+- ExecuTorch (XNNPACK) takes static shapes only: its passes lose the sLSTM scan's symbolic length, and an
+  mLSTM-only program exported with dynamic shapes fails at run time on any other shape than the traced one
+  (`aten::full.out` cannot resize its output in the memory plan).
 """
 
 import importlib.util
@@ -44,10 +45,10 @@ def check_format(format: str, config, dynamic: bool) -> None:
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"exporting to {format} needs {', '.join(missing)}: pip install {pip}")
-    if format == "executorch" and dynamic and "s" in config.block_types:
-        raise ValueError("ExecuTorch cannot take the sLSTM blocks' scan over time with dynamic shapes (its passes "
-                         "lose the scan's symbolic length): export with static shapes (dynamic=False, --static), "
-                         "or to onnx or dynamo")
+    if format == "executorch" and dynamic:
+        raise ValueError("ExecuTorch programs take static shapes only (with dynamic ones, its passes lose the sLSTM "
+                         "scan's symbolic length, and the programs fail at run time on other shapes than traced): "
+                         "export with static shapes (dynamic=False, --static), or to onnx or dynamo")
 
 
 def example_inputs(config, batch_size: int = 2, prompt_length: int = 8, seed: int = 0) -> dict:

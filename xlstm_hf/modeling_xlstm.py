@@ -833,7 +833,9 @@ class xLSTMCache(Cache):
       step runs once per batch size, and CUDA graphs replay on it. generate() compiles only when asked
       (`compile_config=...`).
     - It is a pytree node (registered below), so torch.export and transformers' exporters take it as an input
-      and output: its leaves are the state tensors, named `layers.{j}.{name}` (see `cache_pytree_leaves`).
+      and output: its leaves are the state tensors and the counter (`_cache_flatten_with_keys`; exported
+      programs name them `cache.layers.{j}.conv_states.0`, `cache.layers.{j}.recurrent_states.{i}`,
+      `cache.seen`: see xlstm_hf/export.py).
     - `states` reads every block's state as a dict ({"conv": (B, K-1, F) or None, "C", "n", "m"} or
       {"conv", "h", "c", "n", "m"}), None for a block that has seen no input.
     """
