@@ -167,11 +167,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .export import check_format, example_inputs, export_model, generate_exported, state_names
 
-    model = load_model(args.model, dtype=torch.float32)
     try:
-        check_format(args.format, model.config, not args.static)  # (before the long export)
+        check_format(args.format, not args.static)  # (before loading the model and the long export)
     except ImportError as error:  # a missing exporter package: one line, naming the pip install
         raise OSError(str(error)) from error
+    model = load_model(args.model, dtype=torch.float32)
     print(f"exporting {args.model} to {args.format} ({'static' if args.static else 'dynamic'} shapes), traced on "
           f"{args.batch_size} x {args.prompt_length} tokens ...")
     exported = export_model(model, args.format, dynamic=not args.static, batch_size=args.batch_size,

@@ -37,8 +37,8 @@ FORMATS = {
 }
 
 
-def check_format(format: str, config, dynamic: bool) -> None:
-    """Raise for a format this installation or this model cannot be exported to, naming what is missing."""
+def check_format(format: str, dynamic: bool) -> None:
+    """Raise for a format this installation cannot export to, or with these shapes, naming what is missing."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: choose one of {sorted(FORMATS)}")
     _, _, packages, pip = FORMATS[format]
@@ -72,7 +72,7 @@ def export_model(model, format: str = "onnx", dynamic: bool = True, batch_size: 
     `ExportedModel.from_pretrained` reads it back where xlstm_hf is imported, which registers the cache)."""
     import transformers.exporters as exporters
 
-    check_format(format, model.config, dynamic)
+    check_format(format, dynamic)
     exporter, config_class, _, _ = FORMATS[format]
     model.eval()
     inputs = example_inputs(model.config, batch_size, prompt_length)

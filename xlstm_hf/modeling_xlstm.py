@@ -766,18 +766,19 @@ class xLSTMCacheLayer(LinearAttentionLayer):
 
     def write(self, state: dict) -> None:
         """Store a block's new state (the dict `read` returns)."""
-        names = tuple(name for name in state if name != "conv")
-        if names != self.names:
-            if any(self.is_recurrent_states_initialized.values()):
-                raise ValueError(f"this cache layer holds the states {self.names}, not {names}")
-            self.__init__(names)
-        self.conv = "conv" in state
-        for i, name in enumerate(names):
+        if not self.has_previous_state[0]:  # (the first write, or one after a reset: the block's layout)
+            names = tuple(name for name in state if name != "conv")
+            if names != self.names:
+                if any(self.is_recurrent_states_initialized.values()):
+                    raise ValueError(f"this cache layer holds the states {self.names}, not {names}")
+                self.__init__(names)
+            self.conv = "conv" in state
+            self.has_previous_state = dict.fromkeys(range(self.number_of_states), True)
+        for i, name in enumerate(self.names):
             self._put(self.recurrent_states, self.is_recurrent_states_initialized, i, state[name])
         if state.get("conv") is not None:
             self._put(self.conv_states, self.is_conv_states_initialized, 0, state["conv"].transpose(1, 2))
             self.conv_kernel_size[0] = state["conv"].shape[1]  # (K-1: the stored width, as the library counts it)
-        self.has_previous_state = dict.fromkeys(range(self.number_of_states), True)
 
     def _put(self, buffers: dict, initialized: dict, i: int, value: torch.Tensor) -> None:
         if self.device is None:
@@ -812,13 +813,10 @@ class xLSTMCacheLayer(LinearAttentionLayer):
         self._map(lambda t: t[indices])
 
     def detached(self) -> "xLSTMCacheLayer":
-        copy = xLSTMCacheLayer(self.names, self.conv)
-        copy.device, copy.dtype, copy.conv_kernel_size = self.device, self.dtype, dict(self.conv_kernel_size)
-        for name in ("conv_states", "recurrent_states"):
-            flags = getattr(self, f"is_{name}_initialized")
-            getattr(copy, name).update({i: t.detach() for i, t in getattr(self, name).items() if flags[i]})
-            getattr(copy, f"is_{name}_initialized").update(flags)
-        copy.has_previous_state = dict(self.has_previous_state)
+        """A copy (its own flags and buffer dicts) whose tensors are cut from the autograd graph."""
+        copy = xLSTMCacheLayer()
+        copy.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in vars(self).items()})
+        copy._map(torch.Tensor.detach)
         return copy
 
 
@@ -891,9 +889,10 @@ class xLSTMCache(Cache):
         return None
 
     def reset(self) -> None:
-        """Back to the empty state, keeping the buffers (and their addresses)."""
-        for layer in self.layers:
-            layer.has_previous_state = dict.fromkeys(layer.has_previous_state, False)
+        """Back to the empty state, keeping the buffers (and their addresses). (The layers' reset zeroes their
+        buffers and marks them as holding no state: `read` then gives None, so the blocks start from the true
+        empty state, m = -inf, not from the zeros.)"""
+        super().reset()
         if self.seen is not None:
             self.seen.zero_()
 
@@ -1147,11 +1146,11 @@ class xLSTMModel(xLSTMPreTrainedModel):
         opposite. Elsewhere (tracing, accelerators) the mask is used as given, without a host sync."""
         if attention_mask is None:
             return None
-        width = attention_mask.shape[-1]
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or (
-                width not in (length, past + length) if past is not None else width < length):
-            expected = f"({batch}, {length})" + (f" or ({batch}, {past + length})" if past else
-                                                   f" or ({batch}, past + {length})" if past is None else "")
+        width = attention_mask.shape[1] if attention_mask.dim() == 2 else None
+        fits = width in (length, past + length) if past is not None else width is not None and width >= length
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or not fits:
+            widths = [f"{length}"] + ([f"{past + length}"] if past else ["past + " + str(length)] if past is None else [])
+            expected = " or ".join(f"({batch}, {w})" for w in widths)
             raise ValueError(f"attention_mask must have shape {expected}, got {tuple(attention_mask.shape)}")
         if attention_mask.is_complex():
             raise ValueError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
